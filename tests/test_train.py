@@ -1,0 +1,125 @@
+"""train.py: exact resume, non-finite loss, DDP on CPU, stage errors, mixed precision."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import FAST, ROOT
+
+
+def losses(out, stage="ae"):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return {r["step"]: r for r in recs if r["stage"] == stage and "event" not in r}
+
+
+def interrupt_at(monkeypatch, call, exc):
+    """Make the ae loss misbehave on its `call`-th use (counted from 1)."""
+    real, n = train.ae_loss, [0]
+
+    def patched(*a, **k):
+        n[0] += 1
+        out = real(*a, **k)
+        if n[0] == call:
+            if exc is None:
+                out["loss"] = out["loss"] * float("nan")
+            else:
+                raise exc
+        return out
+    monkeypatch.setattr(train, "ae_loss", patched)
+
+
+def test_exact_resume(tmp_path, monkeypatch):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ["--stage", "ae", "--steps", "8", "--ckpt-every", "4", *FAST]
+    assert train.main([*args, "--out", a]) == 0
+    interrupt_at(monkeypatch, 6, KeyboardInterrupt())       # dies during step 6, after the step-4 save
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*args, "--out", b])
+    assert torch.load(os.path.join(b, "ae.pt"), weights_only=False)["step"] == 4
+    monkeypatch.undo()
+    assert train.main([*args, "--out", b]) == 2              # neither --resume nor --fresh: refused
+    assert train.main([*args, "--out", b, "--resume"]) == 0
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 9))
+    for s in range(1, 9):
+        assert la[s]["loss"] == pytest.approx(lb[s]["loss"], rel=1e-5, abs=1e-7), s
+    ca = torch.load(os.path.join(a, "ae.pt"), weights_only=False)
+    cb = torch.load(os.path.join(b, "ae.pt"), weights_only=False)
+    for k, v in ca["ema"]["ae"].items():
+        assert torch.allclose(v, cb["ema"]["ae"][k], atol=1e-6), k
+    assert ca["psnr"] == pytest.approx(cb["psnr"], abs=1e-3) and ca["done"] and cb["done"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "r")
+    interrupt_at(monkeypatch, 6, None)                      # NaN at step 6
+    assert train.main(["--stage", "ae", "--steps", "10", "--ckpt-every", "2", "--out", out, *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step 6" in err and "ae.pt (step 4)" in err
+    ckpt = torch.load(os.path.join(out, "ae.pt"), weights_only=False)
+    assert ckpt["step"] == 4 and not ckpt["done"]
+    assert all(torch.isfinite(v).all() for v in ckpt["models"]["ae"].values())
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train.main(["--stage", "ae", "--data", str(empty), "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no usable video in") and str(empty) in err and "\n" not in err
+    assert train.main(["--stage", "ae", "--steps", "2", "--out", out, *FAST]) == 0
+    capsys.readouterr()
+    # resuming with another architecture is refused with the field named
+    assert train.main(["--stage", "ae", "--steps", "3", "--out", out, "--resume", "--ae-channels", "8,8", *FAST]) == 2
+    assert "ae_channels" in capsys.readouterr().err
+    with pytest.raises(train.UserError, match="run `python train.py --stage ae`"):
+        train.load_checkpoint(os.path.join(out, "nothing.pt"), "ae", "python train.py --stage ae")
+
+
+def test_stage_all_keeps_finished_stages(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert train.main(["--stage", "all", "--steps", "2", "--out", out, *FAST]) == 0
+    assert train.main(["--stage", "all", "--steps", "2", "--out", out, *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "kept the finished" in printed and "not implemented yet" in printed
+
+
+def test_bfloat16_autocast_on_cpu(tmp_path):
+    out = str(tmp_path / "r")
+    assert train.main(["--stage", "ae", "--steps", "3", "--dtype", "bfloat16", "--out", out, *FAST]) == 0
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in losses(out).values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_mixed_precision(tmp_path, dtype):
+    out = str(tmp_path / dtype)
+    assert train.main(["--stage", "ae", "--steps", "20", "--dtype", dtype, "--device", "cuda", "--out", out,
+                       *FAST]) == 0
+    ckpt = torch.load(os.path.join(out, "ae.pt"), weights_only=False)
+    assert ckpt["scaler"].get("scale", 1.0) > 0 if dtype == "float16" else True
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in losses(out).values())
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    out = str(tmp_path / "ddp")
+    with socket.socket() as s:                     # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           os.path.join(ROOT, "train.py"), "--stage", "ae", "--steps", "4", "--device", "cpu",
+           "--out", out, *FAST]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "over 2 process(es)" in p.stdout
+    ckpt = torch.load(os.path.join(out, "ae.pt"), weights_only=False)
+    assert ckpt["done"] and ckpt["step"] == 4
+    assert sorted(losses(out)) == [1, 2, 3, 4]            # rank 0 logs once per step

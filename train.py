@@ -1,0 +1,468 @@
+"""Training: the CLI, the presets, and the one loop that every stage of the pipeline shares.
+
+    python train.py --stage ae           # the latent autoencoder (autoencoder.py)
+    python train.py --stage all          # every stage implemented so far, in order, kept when finished
+    torchrun --nproc_per_node=2 train.py --stage ae     # DistributedDataParallel, gloo on CPU
+
+The paper's "implementation details" live here: Adam, mixed precision (bf16 autocast on CUDA by
+default; fp16 with a GradScaler; fp32 on CPU), an EMA of the weights, gradient clipping, DDP, logging
+and checkpoints. A stage (see `setup_ae`) hands the loop its networks, optimisers and a `step`
+function; the loop owns everything else.
+
+Read first: `train_stage`. Two design decisions make runs resumable on the same trajectory:
+- data is a pure function of (step, rank): step s reads clips s*B .. s*B+B-1 of the dataset, split
+  across ranks, so the same batches come back after a restart with no data-loader state to save;
+- the global RNG is re-seeded from (seed, rank, step) before every step, so the RNG state at a step is
+  a function of the step number that the checkpoint stores; no generator state needs saving.
+Checkpoints are one dict per stage (`runs/<name>/<stage>.pt`), written atomically (temp file, rename).
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from autoencoder import AEConfig, AutoEncoder, ae_loss, measure_scale_factor, psnr
+from data import SyntheticVideos, UserError, VideoFolder, write_video
+
+
+@dataclass
+class Config:
+    # data
+    image_size: int = 32
+    num_frames: int = 8
+    data: str = ""                  # a folder of videos; empty: the synthetic bouncing shapes
+    frame_stride: int = 1           # folder videos: keep every n-th frame
+    workers: int = 0                # data-loader processes (worth it for folder videos)
+    # autoencoder (autoencoder.py); sizes measured to reach 30 dB in minutes on 2 CPU cores
+    ae_channels: tuple = (16, 32, 64)
+    ae_latent_channels: int = 4
+    ae_kl_weight: float = 1e-6      # SD's first-stage kl_weight
+    ae_steps: int = 2000
+    ae_batch_size: int = 32         # clips; the autoencoder sees one random frame of each
+    ae_lr: float = 2e-3
+    # the loop
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    warmup: int = 100               # steps of linear learning-rate warm-up
+    log_every: int = 50
+    sample_every: int = 500
+    ckpt_every: int = 500
+    eval_clips: int = 256           # held-out clips for the end-of-stage measurement
+    seed: int = 0
+    device: str = ""                # empty: cuda if available, else cpu
+    dtype: str = ""                 # empty: bfloat16 on CUDA, float32 on CPU
+    compile: bool = False
+
+
+PRESETS = {
+    "tiny": {},                     # CPU, minutes: the defaults above
+    "small": dict(image_size=64, num_frames=16, ae_channels=(32, 64, 128), ae_steps=20000,
+                  ae_batch_size=64, ae_lr=1e-3, sample_every=2000, ckpt_every=2000),
+}
+STAGES = ["ae", "teacher", "1", "2"]                    # the pipeline, in order
+PREFIX = {"ae": "ae", "teacher": "teacher", "1": "stage1", "2": "stage2"}   # config-field prefixes
+# fields that may change when a run is resumed; anything else must match the checkpoint
+RUN_FIELDS = {"device", "dtype", "compile", "workers", "log_every", "sample_every", "ckpt_every",
+              "eval_clips"} | {f"{p}_steps" for p in PREFIX.values()}
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+class EMA:
+    """Exponential moving average of a network's weights; buffers are copied. The decay ramps up as
+    (1 + step) / (10 + step) so early averages are not dominated by the random initialisation."""
+
+    def __init__(self, model, decay):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item s is this rank's share of the batch of step s: clips s*B + rank*b ... (b = B / world)."""
+
+    def __init__(self, dataset, batch_size, rank, world):
+        self.dataset, self.B, self.b, self.rank = dataset, batch_size, batch_size // world, rank
+
+    def __getitem__(self, s):
+        first = s * self.B + self.rank * self.b
+        return self.dataset.batch(range(first, first + self.b))
+
+
+def step_seed(*xs):
+    return int(np.random.SeedSequence(list(xs)).generate_state(1)[0])
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)            # a crash mid-write never leaves a half-written checkpoint
+
+
+def load_checkpoint(path, stage, make):
+    """A finished checkpoint of `stage`, or a one-line error naming the command that makes it."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: run `{make}` first")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+    if ckpt.get("stage") != stage:
+        raise UserError(f"{path} is a checkpoint of stage {ckpt.get('stage')!r}, not {stage!r}")
+    if not ckpt.get("done"):
+        raise UserError(f"{path} is unfinished (step {ckpt['step']}): finish it with `{make} --resume`")
+    return ckpt
+
+
+@dataclass
+class Stage:
+    """What a stage gives the loop. `step(nets, batch, update)` runs one training step: nets are the
+    (DDP-wrapped, compiled) versions of `models`; `update(loss, name)` backpropagates `loss` and steps
+    optimiser `name`. It returns a dict of scalar tensors to log, which must include "loss"."""
+    models: dict
+    opts: dict
+    step: object
+    ema: dict = field(default_factory=dict)
+    sample: object = None           # sample(path): write a video with the EMA weights
+    finish: object = None           # finish() -> dict: end-of-stage measurement, kept in the checkpoint
+    extra: dict = field(default_factory=dict)     # kept in the checkpoint (model configs)
+    cosine: bool = True             # learning rate: cosine decay to 10% after warm-up, else constant
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages
+
+def setup_ae(cfg, run):
+    torch.manual_seed(cfg.seed)
+    ae_cfg = AEConfig(channels=tuple(cfg.ae_channels), latent_channels=cfg.ae_latent_channels)
+    model = AutoEncoder(ae_cfg).to(run.device)
+    ema = EMA(model, cfg.ema_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.ae_lr)
+
+    def step(nets, batch, update):
+        video = batch["video"]                                                     # (B, T, 3, H, W)
+        B, T = video.shape[:2]
+        # one random frame per clip: many clips per batch beat many frames of few clips (measured)
+        x = video[torch.arange(B), torch.randint(T, (B,))][:, None]               # (B, 1, 3, H, W)
+        out = ae_loss(nets["ae"], x, cfg.ae_kl_weight)
+        update(out["loss"], "ae")
+        return out
+
+    def sample(path):
+        v = run.eval_videos(8)
+        write_video(path, torch.cat([v, ema.model.decode_video(ema.model.encode_video(v))]),
+                    fps=8, ncol=8)          # top row: input; bottom row: reconstruction
+
+    def finish():
+        sf = measure_scale_factor(ema.model, run.dataset.batch(range(256))["video"].to(run.device))
+        db = psnr(ema.model, run.eval_videos(cfg.eval_clips))
+        if run.master:
+            print(f"ae: reconstruction PSNR {db:.2f} dB on {cfg.eval_clips} {run.eval_name}; "
+                  f"scale_factor {sf:.4f}")
+        return {"psnr": db, "scale_factor": sf}
+
+    return Stage({"ae": model}, {"ae": opt}, step, {"ae": ema}, sample, finish,
+                 extra={"ae_config": dataclasses.asdict(ae_cfg)})
+
+
+SETUP = {"ae": setup_ae}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+class Run:
+    """What every stage shares: device, precision, distributed context, data, run folder."""
+
+    def __init__(self, cfg, out):
+        self.cfg, self.out = cfg, out
+        self.ddp = "RANK" in os.environ
+        cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        if self.ddp:
+            dist.init_process_group("nccl" if cuda else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+            if cuda:
+                torch.cuda.set_device(self.device)
+            else:   # share the cores instead of oversubscribing them
+                torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["LOCAL_WORLD_SIZE"])))
+        else:
+            self.rank, self.world = 0, 1
+            self.device = torch.device(cfg.device or ("cuda" if cuda else "cpu"))
+        self.master = self.rank == 0
+        dtype = cfg.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"--dtype must be float32, bfloat16 or float16, not {dtype}")
+        # mixed precision in three lines: autocast for the forward, a GradScaler only for fp16
+        self.ptdtype = getattr(torch, dtype)
+        self.autocast = (nullcontext() if dtype == "float32"
+                         else torch.autocast(self.device.type, dtype=self.ptdtype))
+        self.scaler_enabled = dtype == "float16"
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        if cfg.data:
+            self.dataset = VideoFolder(cfg.data, cfg.image_size, cfg.num_frames, cfg.frame_stride,
+                                       cache=os.path.join(out, "data_index.json") if self.master else None)
+            self.eval_set, self.eval_name = self.dataset, f"clips of {cfg.data} (not held out)"
+        else:
+            self.dataset = SyntheticVideos(cfg.image_size, cfg.num_frames, "train", self.device)
+            self.eval_set = SyntheticVideos(cfg.image_size, cfg.num_frames, "test", self.device)
+            self.eval_name = "held-out synthetic clips"
+        self._eval = None
+
+    def eval_videos(self, n):
+        """The first n clips of the evaluation set (the synthetic test split), cached on the device."""
+        if self._eval is None or len(self._eval) < n:
+            first = 10 ** 9 if self.eval_set is self.dataset else 0   # folder: clip indices no step reads
+            self._eval = self.eval_set.batch(range(first, first + n))["video"].to(self.device)
+        return self._eval[:n]
+
+    def log(self, record):
+        if self.master:
+            with open(os.path.join(self.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train_stage(name, cfg, run, mode):
+    """Train one stage. mode: "new" (error if a checkpoint exists), "resume", "fresh" or "keep" (for
+    --stage all: skip a finished stage, resume an unfinished one)."""
+    prefix = PREFIX[name]
+    steps, B, lr = (getattr(cfg, f"{prefix}_{k}") for k in ("steps", "batch_size", "lr"))
+    if B % run.world:
+        raise UserError(f"batch size {B} does not split over {run.world} processes")
+    path = os.path.join(run.out, f"{name}.pt")
+    ckpt = None
+    if os.path.isfile(path) and mode != "fresh":
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise UserError(f"cannot read checkpoint {path} ({e}); use --fresh to start over") from None
+        if mode == "new":
+            state = "finished" if ckpt.get("done") else "unfinished"
+            raise UserError(f"{path} exists (step {ckpt['step']}, {state}): pass --resume to continue "
+                            f"it or --fresh to start over")
+        if mode == "keep" and ckpt.get("done") and ckpt["step"] >= steps:
+            if run.master:
+                print(f"stage {name}: kept the finished {path}")
+            return
+        changed = [k for k, v in dataclasses.asdict(cfg).items()
+                   if k not in RUN_FIELDS and ckpt["config"].get(k) != v]
+        if changed:
+            k = changed[0]
+            raise UserError(f"cannot resume {path}: it was trained with {k}={ckpt['config'][k]}, "
+                            f"this run asks for {getattr(cfg, k)}; use --fresh to start over")
+
+    spec = SETUP[name](cfg, run)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.scaler_enabled)
+    start = 0
+    if ckpt is not None:
+        for k, m in spec.models.items():
+            m.load_state_dict(ckpt["models"][k])
+        for k, e in spec.ema.items():
+            e.model.load_state_dict(ckpt["ema"][k])
+        for k, o in spec.opts.items():
+            o.load_state_dict(ckpt["opts"][k])
+        scaler.load_state_dict(ckpt["scaler"])
+        start = ckpt["step"]
+    last_good = f"{path} (step {start})" if ckpt is not None else "none: no checkpoint was written yet"
+    for o in spec.opts.values():
+        for g in o.param_groups:
+            g["initial_lr"] = g["lr"] = g.get("initial_lr", lr)
+    nets = {}
+    for k, m in spec.models.items():
+        net = DDP(m, device_ids=[run.device.index] if run.device.type == "cuda" else None) if run.ddp else m
+        nets[k] = torch.compile(net) if cfg.compile else net
+        m.train()
+
+    def lr_at(s):
+        warm = min(1.0, (s + 1) / max(1, cfg.warmup))
+        if not spec.cosine:
+            return lr * warm
+        return lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+
+    def update(loss, k):
+        """Backward, unscale, clip, step: the same four lines for every optimiser of every stage."""
+        opt = spec.opts[k]
+        with torch.autocast(run.device.type, enabled=False):
+            scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
+        return gnorm
+
+    def save(step, done, results=None):
+        if run.master:
+            save_atomic({
+                "stage": name, "step": step, "done": done, "config": dataclasses.asdict(cfg),
+                "models": {k: m.state_dict() for k, m in spec.models.items()},
+                "ema": {k: e.model.state_dict() for k, e in spec.ema.items()},
+                "opts": {k: o.state_dict() for k, o in spec.opts.items()},
+                "scaler": scaler.state_dict(), **spec.extra, **(results or {}),
+            }, path)
+        if run.ddp:
+            dist.barrier()
+
+    if run.master:
+        print(f"stage {name}: steps {start}..{steps}, batch {B} over {run.world} process(es), "
+              f"{run.device} {run.ptdtype}, params "
+              + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"
+                          for k, m in spec.models.items()))
+    loader = torch.utils.data.DataLoader(StepBatches(run.dataset, B, run.rank, run.world), batch_size=None,
+                                         sampler=range(start, steps), num_workers=cfg.workers if cfg.data else 0,
+                                         pin_memory=run.device.type == "cuda" and bool(cfg.data))
+    sums, n, t0 = {}, 0, time.time()
+    with tqdm(total=steps, initial=start, desc=f"stage {name}", disable=not run.master,
+              dynamic_ncols=True) as bar:
+        for step, batch in enumerate(loader, start):
+            torch.manual_seed(step_seed(cfg.seed, run.rank, step))
+            batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+            for o in spec.opts.values():
+                for g in o.param_groups:
+                    g["lr"] = lr_at(step)
+            with run.autocast:
+                stats = spec.step(nets, batch, update)
+            scaler.update()
+            for k, e in spec.ema.items():
+                e.update(spec.models[k], step)
+
+            # every rank sees the mean over ranks, so all stop together on a non-finite loss
+            keys = sorted(stats)
+            vals = torch.stack([stats[k].detach().float() for k in keys])
+            if run.ddp:
+                dist.all_reduce(vals)
+                vals /= run.world
+            vals = dict(zip(keys, vals.tolist()))
+            bad = [k for k, v in vals.items() if not math.isfinite(v)]
+            if bad:
+                raise NonFiniteLoss(f"stage {name}: non-finite {bad[0]} ({vals[bad[0]]}) at step {step + 1}; "
+                                    f"stopped. Last good checkpoint: {last_good}")
+            for k, v in vals.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            bar.update(1)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == steps:
+                means = {k: v / n for k, v in sums.items()}
+                bar.set_postfix(loss=f"{means['loss']:.4f}")
+                run.log({"stage": name, "step": done, **means, "lr": lr_at(step),
+                         "it_s": n / (time.time() - t0)})
+                sums, n, t0 = {}, 0, time.time()
+            if run.master and spec.sample and (done % cfg.sample_every == 0 or done == steps):
+                spec.sample(os.path.join(run.out, "samples", f"{name}_{done:06d}.mp4"))
+            if done % cfg.ckpt_every == 0 and done < steps:
+                save(done, False)
+                last_good = f"{path} (step {done})"
+    if run.ddp:
+        check_replicas(spec.models)
+    results = spec.finish() if spec.finish else {}
+    save(max(start, steps), True, results)
+    run.log({"stage": name, "event": "done", "step": max(start, steps), **results})
+    if run.master:
+        print(f"stage {name}: done, {path}")
+
+
+@torch.no_grad()
+def check_replicas(models):
+    """DDP's promise, checked: every process ends with the same weights."""
+    for k, m in models.items():
+        local = torch.cat([p.detach().float().flatten() for p in m.parameters()]).sum().reshape(1)
+        every = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, local)
+        if not all(torch.equal(every[0], e) for e in every):
+            raise RuntimeError(f"DDP replicas of {k} diverged: {[e.item() for e in every]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def parse(argv):
+    p = argparse.ArgumentParser(description="Train a stage of OSV (see README.md).")
+    p.add_argument("--stage", required=True, choices=STAGES + ["all"])
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--out", default="runs/default", help="run folder (default runs/default)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the stage from its checkpoint")
+    g.add_argument("--fresh", action="store_true", help="start over, overwriting checkpoints")
+    p.add_argument("--steps", type=int, help="training steps of each stage run by this command")
+    p.add_argument("--batch-size", type=int, help="global batch size (clips) of each stage run")
+    p.add_argument("--lr", type=float, help="learning rate of each stage run")
+    for f in dataclasses.fields(Config):       # every preset field can be overridden: --ae-steps 500
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.type is tuple:
+            p.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), metavar="A,B,C")
+        else:
+            p.add_argument(flag, type=f.type)
+    return p.parse_args(argv)
+
+
+def make_config(args, stages):
+    cfg = Config(**PRESETS[args.preset])
+    for f in dataclasses.fields(Config):
+        v = getattr(args, f.name)
+        if v is not None:
+            setattr(cfg, f.name, v)
+    for s in stages:
+        for k in ("steps", "batch_size", "lr"):
+            if getattr(args, k) is not None:
+                setattr(cfg, f"{PREFIX[s]}_{k}", getattr(args, k))
+    return cfg
+
+
+def main(argv=None):
+    # user-facing warnings (a skipped video file) as one line each, without the source line
+    warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
+    args = parse(argv)
+    stages = STAGES if args.stage == "all" else [args.stage]
+    cfg = make_config(args, [s for s in stages if s in SETUP])
+    run = None
+    try:
+        run = Run(cfg, args.out)
+        mode = "fresh" if args.fresh else "resume" if args.resume else "keep" if args.stage == "all" else "new"
+        for s in stages:
+            if s not in SETUP:
+                if run.master:
+                    print(f"stage {s}: not implemented yet (see README.md, status)")
+                continue
+            train_stage(s, cfg, run, mode)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if run is not None and run.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
