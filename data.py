@@ -205,7 +205,7 @@ class VideoFolder:
 
     def __init__(self, root, image_size=32, num_frames=8, frame_stride=1, cache=None, seed=0):
         if not os.path.isdir(root):
-            raise UserError(f"--data {root}: not a folder")
+            raise UserError(f"{root} is not a folder")
         self.root, self.S, self.T, self.stride, self.seed = root, image_size, num_frames, frame_stride, seed
         self.need = (num_frames - 1) * frame_stride + 1
         old = {}
@@ -275,6 +275,13 @@ class VideoFolder:
                     if len(out) == self.T:
                         return _to_tensor(np.stack(out))                   # (T, 3, H, W)
         raise ValueError(f"only {len(out)} of {self.T} frames decoded from frame {start}")
+
+    def first_clips(self):
+        """Every usable file's first clip, (N, T, 3, H, W), and the files' paths relative to the root
+        without extension (so generated videos can be paired with real ones by name)."""
+        clips = torch.stack([self._decode(path, info, 0) for path, info in self.files])
+        names = [os.path.splitext(os.path.relpath(path, self.root))[0] for path, _ in self.files]
+        return clips, names
 
     def batch(self, indices):
         clips = [self.clip(i) for i in indices]

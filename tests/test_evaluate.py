@@ -1,0 +1,140 @@
+"""evaluate.py: the Fréchet distance against closed forms, the ruler's ordering, I3D, diagnostics, CLI."""
+import math
+import os
+
+import pytest
+import torch
+
+import evaluate
+from data import SyntheticVideos, write_video
+from evaluate import (I3D, FeatureNet, blurred, diagnostics, extract, fd_interval, frechet_distance,
+                      gaussian_stats, shuffled, static)
+
+
+def random_rotation(d, g):
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return q
+
+
+def test_frechet_distance_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    d = 6
+    mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    a, b = torch.rand(d, generator=g, dtype=torch.float64) + 0.1, torch.rand(d, generator=g, dtype=torch.float64) + 0.1
+    # commuting covariances (same eigenvectors): ||dmu||^2 + sum (sqrt(a) - sqrt(b))^2
+    q = random_rotation(d, g)
+    s1, s2 = q @ torch.diag(a) @ q.T, q @ torch.diag(b) @ q.T
+    expected = (mu1 - mu2).pow(2).sum() + (a.sqrt() - b.sqrt()).pow(2).sum()
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected.item(), rel=1e-9, abs=1e-12)
+    # non-commuting 2x2: tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det(S1 S2)))
+    for _ in range(5):
+        m1, m2 = torch.randn(2, 2, generator=g, dtype=torch.float64), torch.randn(2, 2, generator=g, dtype=torch.float64)
+        s1, s2 = m1 @ m1.T + 0.1 * torch.eye(2), m2 @ m2.T + 0.1 * torch.eye(2)
+        p = s1 @ s2
+        tr_sqrt = math.sqrt(p.trace() + 2 * math.sqrt(p.det()))
+        expected = (s1.trace() + s2.trace() - 2 * tr_sqrt).item()
+        assert frechet_distance(torch.zeros(2), s1, torch.zeros(2), s2) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, s1 if d == 2 else torch.eye(d), mu1, torch.eye(d)) == pytest.approx(0, abs=1e-10)
+
+
+def test_frechet_distance_from_samples():
+    """Sample statistics of two known Gaussians give (nearly) the closed-form distance."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200000, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(200000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + 1.0
+    expected = 3 * 1.0 + (1 - 1) ** 2 + (1 - 2) ** 2 + (1 - 0.5) ** 2
+    assert frechet_distance(*gaussian_stats(x), *gaussian_stats(y)) == pytest.approx(expected, rel=0.02)
+    fd, lo, hi = fd_interval(x[:2000], y[:2000], n_boot=20)
+    assert lo < fd < hi and lo < expected < hi
+
+
+@pytest.fixture(scope="module")
+def small_net(tmp_path_factory):
+    """A briefly trained FVD-syn network at tiny sizes (the real one trains for 1,500 steps)."""
+    path = str(tmp_path_factory.mktemp("fvd") / "net.pt")
+    return evaluate.train_feature_net("synthetic", 32, 8, path, steps=300, batch_size=16), path
+
+
+def test_ruler_orders_real_static_shuffled_blurred(small_net):
+    net, _ = small_net
+    a = SyntheticVideos(32, 8, "test").batch(range(600))["video"]
+    b = SyntheticVideos(32, 8, "test").batch(range(600, 1200))["video"]
+    fa = extract(net, a)
+    fd = {name: fd_interval(fa, extract(net, v), n_boot=20)
+          for name, v in [("real", b), ("static", static(b)), ("shuffled", shuffled(b)), ("blurred", blurred(b))]}
+    for name in ("static", "shuffled", "blurred"):
+        assert fd[name][1] > fd["real"][2], (name, fd)          # intervals do not overlap
+        assert fd[name][0] > 3 * fd["real"][0], (name, fd)
+
+
+def test_feature_net_cache(small_net, monkeypatch):
+    net, path = small_net
+    monkeypatch.setattr(evaluate, "train_feature_net", lambda *a, **k: pytest.fail("trained again"))
+    again = evaluate.load_feature_net(path, "synthetic", 32, 8)
+    v = SyntheticVideos(32, 8, "test").batch(range(4))["video"]
+    assert torch.allclose(again(v), net(v), atol=1e-5)
+    assert again(v).shape == (4, 160)
+
+
+class I3DStandIn(torch.nn.Module):
+    """The interface of the I3D TorchScript file; it checks the protocol and returns 400-d features."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 400)
+
+    def forward(self, x, rescale: bool, resize: bool, return_features: bool):
+        assert x.dim() == 5 and x.shape[1] == 3 and x.shape[3] == 224 and x.shape[4] == 224
+        assert not rescale and not resize and return_features
+        assert x.min() >= -1.0001 and x.max() <= 1.0001
+        return self.proj(torch.cat([x.mean((2, 3, 4))[:, :1], x.std((2, 3, 4))[:, :1],
+                                    (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2, 3, 4))[:, None]], 1))
+
+
+def test_i3d_path_and_cli(tmp_path, capsys):
+    stub = str(tmp_path / "i3d.pt")
+    torch.jit.script(I3DStandIn()).save(stub)
+    i3d = I3D(stub)
+    f = i3d(SyntheticVideos(32, 8).batch(range(3))["video"])
+    assert f.shape == (3, 400)
+    # the CLI on two folders; generated files named after real ones get a first-frame PSNR
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    v = SyntheticVideos(32, 8, "test").batch(range(12))["video"]
+    for i in range(12):
+        write_video(str(real / f"{i:02d}.mp4"), v[i], scale=1)
+        write_video(str(fake / f"{i:02d}.mp4"), static(v[i:i + 1])[0], scale=1)
+    assert evaluate.main(["--real", str(real), "--fake", str(fake), "--i3d", stub, "--num", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "FVD " in out and "static-video rate 1.000" in out and "first-frame PSNR" in out and "n/a" not in out
+    # the synthetic test split as the real set: files named by test index pair with it
+    assert evaluate.main(["--real", "synthetic", "--fake", str(fake), "--i3d", stub, "--num", "12"]) == 0
+    assert "n/a" not in capsys.readouterr().out
+
+
+def test_cli_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert evaluate.main(["--real", "synthetic", "--fake", str(empty), "--i3d", str(tmp_path / "x.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "x.pt").write_text("nonsense")
+    assert evaluate.main(["--real", "synthetic", "--fake", str(empty), "--i3d", str(tmp_path / "x.pt")]) == 2
+    assert "not a TorchScript file" in capsys.readouterr().err
+    torch.jit.script(I3DStandIn()).save(str(tmp_path / "ok.pt"))
+    assert evaluate.main(["--real", "synthetic", "--fake", str(empty), "--i3d", str(tmp_path / "ok.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no usable video in") and "\n" not in err
+
+
+def test_diagnostics_known_answers():
+    real = SyntheticVideos(32, 8, "test").batch(range(200))["video"]
+    cond = real[:, 0]
+    copy = static(real)                                       # every frame the conditioning image
+    d = diagnostics(copy, real, cond)
+    assert d["first_frame_psnr"] == 100.0 and d["static_rate"] == 1.0 and d["motion_ratio"] == 0.0
+    d = diagnostics(real, real, cond)
+    assert d["static_rate"] == 0.0 and d["motion_ratio"] == pytest.approx(1.0) and d["first_frame_psnr"] == 100.0
+    noisy = (real + 0.02 * torch.randn_like(real)).clamp(-1, 1)
+    d = diagnostics(noisy, real, cond)
+    # noise of std 0.02 in [-1, 1] is 0.01 in [0, 1]: PSNR about 40 dB; noise is motion, not stillness
+    assert 38 < d["first_frame_psnr"] < 42 and d["static_rate"] == 0.0
+    assert diagnostics(shuffled(real), real)["motion_ratio"] > 1.5     # shuffling makes jumps
