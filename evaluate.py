@@ -222,6 +222,7 @@ class I3D:
     def __init__(self, path, device="cpu"):
         if not os.path.isfile(path):
             raise UserError(f"--i3d {path}: file not found (it is not downloadable from here; see README)")
+        self.device = torch.device(device)
         try:
             with warnings.catch_warnings():     # TorchScript is deprecated, but it is what the file is
                 warnings.simplefilter("ignore")
@@ -244,7 +245,7 @@ class I3D:
 @torch.no_grad()
 def extract(features, videos, batch_size=64):
     """Features (N, D) float64 of videos (N, T, 3, H, W), in batches on the network's device."""
-    dev = next(features.parameters()).device if isinstance(features, nn.Module) else torch.device("cpu")
+    dev = features.device if isinstance(features, I3D) else next(features.parameters()).device
     if isinstance(features, FeatureNet) and videos.shape[1] != features.num_frames:
         raise UserError(f"videos have {videos.shape[1]} frames; the FVD-syn network was trained on "
                         f"{features.num_frames}")

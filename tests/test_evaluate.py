@@ -34,7 +34,8 @@ def test_frechet_distance_closed_forms():
         tr_sqrt = math.sqrt(p.trace() + 2 * math.sqrt(p.det()))
         expected = (s1.trace() + s2.trace() - 2 * tr_sqrt).item()
         assert frechet_distance(torch.zeros(2), s1, torch.zeros(2), s2) == pytest.approx(expected, rel=1e-9)
-    assert frechet_distance(mu1, s1 if d == 2 else torch.eye(d), mu1, torch.eye(d)) == pytest.approx(0, abs=1e-10)
+    s = q @ torch.diag(a) @ q.T
+    assert frechet_distance(mu1, s, mu1, s) == pytest.approx(0, abs=1e-10)
 
 
 def test_frechet_distance_from_samples():
