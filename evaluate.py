@@ -18,6 +18,7 @@ import argparse
 import math
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -315,6 +316,89 @@ def blurred(videos, sigma=1.0):
 
 
 # ----------------------------------------------------------------------------------------------
+# The replication report: the analogue of the paper's Table 1 on held-out first frames
+
+def sampler_rows(run_dir):
+    """(label, checkpoint, steps, guidance) for every row whose checkpoint the run folder holds.
+    The teacher uses SVD's per-frame CFG ramp (cfg_min -> cfg_max of its config)."""
+    rows = []
+    if os.path.isfile(os.path.join(run_dir, "teacher.pt")):
+        rows += [(f"teacher, Heun + CFG", "teacher.pt", n, "ramp") for n in (25, 8, 2, 1)]
+    return rows
+
+
+@torch.no_grad()
+def run_row(D, ae, cfg, real, steps, guidance, batch_size=50, seed=0):
+    """Generate videos from the first frames of `real` (video, fps, motion); return them and the
+    milliseconds per video (sampling and decoding, after a warm-up batch) and the NFE per video."""
+    from sample import cfg_scale, generate
+    from unet import condition
+    T = cfg["num_frames"]
+    scale = cfg_scale(cfg["cfg_min"], cfg["cfg_max"], T) if guidance == "ramp" else 1.0
+    dev = real["video"].device
+    out, seconds, nfe = [], 0.0, 0
+    for i in range(-1, len(real["video"]) // batch_size + (len(real["video"]) % batch_size > 0)):
+        sl = slice(max(i, 0) * batch_size, (max(i, 0) + 1) * batch_size)      # i = -1: warm-up batch
+        torch.manual_seed(seed + max(i, 0))
+        cond = condition(ae, real["video"][sl], real["fps"][sl], real["motion"][sl],
+                         torch.full((len(real["video"][sl]),), 0.02, device=dev))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        z, nfe = generate(D, cond, T, steps, scale, "heun", cfg["sigma_min"], cfg["sigma_max"], seed + max(i, 0))
+        video = ae.decode_video(z).clamp(-1, 1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 0:
+            seconds += time.perf_counter() - t0
+            out.append(video.cpu())
+    return torch.cat(out), 1000 * seconds / len(real["video"]), nfe
+
+
+def write_report(run_dir, num=500, device="cpu", feature_steps=1500):
+    """Evaluate every sampler row the run folder supports and write run_dir/report.md."""
+    from sample import load_model
+    rows = sampler_rows(run_dir)
+    if not rows:
+        raise UserError(f"{run_dir} holds no trained video model (teacher.pt): train one first")
+    models = {}
+    for _, ck, _, _ in rows:
+        models.setdefault(ck, load_model(os.path.join(run_dir, ck), device))
+    cfg = next(iter(models.values()))[2]
+    S, T = cfg["image_size"], cfg["num_frames"]
+    features = load_feature_net(os.path.join(run_dir, f"fvdsyn_synthetic_{S}x{T}.pt"), "synthetic", S, T,
+                                device, steps=feature_steps)
+    b = SyntheticVideos(S, T, "test").batch(range(num))
+    real = {k: b[k].to(device) for k in ("video", "fps", "motion")}
+    f_real = extract(features, real["video"])
+    lines = [f"# Replication report: {run_dir}", "",
+             f"{num} held-out synthetic test clips ({S}x{S}, {T} frames); each generated video starts from "
+             f"the first frame of one of them. FVD-syn (not comparable with published FVD) with a 95% bootstrap "
+             f"interval; times are sampling + decoding per video on {device} "
+             f"({torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'}), measured in this run.", "",
+             "| model | steps | NFE | FVD-syn | first-frame PSNR (dB) | static rate | motion vs real | ms / video |",
+             "|---|---|---|---|---|---|---|---|"]
+    grid = [real["video"][:4, :1].expand(-1, T, -1, -1, -1).cpu()]        # the conditioning frames
+    for label, ck, steps, guidance in tqdm(rows, desc="report", dynamic_ncols=True):
+        D, ae, cfg, _ = models[ck]
+        fake, ms, nfe = run_row(D, ae, cfg, real, steps, guidance)
+        fd, lo, hi = fd_interval(f_real, extract(features, fake))
+        d = diagnostics(fake, real["video"].cpu(), real["video"][:, 0].cpu())
+        lines.append(f"| {label} | {steps} | {nfe} | {fd:.2f} [{lo:.2f}, {hi:.2f}] | {d['first_frame_psnr']:.2f} | "
+                     f"{d['static_rate']:.3f} | {d['motion_ratio']:.2f} | {ms:.1f} |")
+        if steps in (25, 1):
+            grid.append(fake[:4])
+    from data import write_video
+    write_video(os.path.join(run_dir, "report_grid.gif"), torch.stack(grid, 1).flatten(0, 1), fps=8,
+                ncol=len(grid))
+    lines += ["", f"`report_grid.gif`: each row one test clip; columns: conditioning frame, then the rows "
+              f"above at 25 and 1 steps, in order."]
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 
 def load_set(src, n, image_size, num_frames, first=0):
@@ -349,8 +433,9 @@ def main(argv=None):
     p.add_argument("--real", default="synthetic", help="a folder of videos, or 'synthetic' (the test split)")
     p.add_argument("--fake", help="a folder of generated videos")
     p.add_argument("--sanity", action="store_true", help="check the ruler on real and corrupted clips")
+    p.add_argument("--run", metavar="DIR", help="evaluate the models of a run folder; writes DIR/report.md")
     p.add_argument("--preset", default="tiny", help="sizes of synthetic clips (train.py presets)")
-    p.add_argument("--num", type=int, default=1000, help="videos per set (at most)")
+    p.add_argument("--num", type=int, help="videos per set (default 1000; 500 for --run)")
     p.add_argument("--i3d", metavar="FILE", help="use I3D (FVD) instead of the offline network (FVD-syn)")
     p.add_argument("--out", default="runs/default", help="run folder that caches the feature network")
     p.add_argument("--feature-steps", type=int, default=1500, help="training steps of the feature network")
@@ -359,6 +444,10 @@ def main(argv=None):
     warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
     from train import Config, PRESETS        # here, not at the top: train.py will import this file
     try:
+        if args.run:
+            write_report(args.run, args.num or 500, args.device, args.feature_steps)
+            return 0
+        args.num = args.num or 1000
         if args.preset not in PRESETS:
             raise UserError(f"--preset must be one of {list(PRESETS)}")
         cfg = Config(**PRESETS[args.preset])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import FAST, ROOT
+from conftest import FAST, MICRO, ROOT
 
 
 def losses(out, stage="ae"):
@@ -85,8 +85,8 @@ def test_errors_are_one_line(tmp_path, capsys):
 
 def test_stage_all_keeps_finished_stages(tmp_path, capsys):
     out = str(tmp_path / "r")
-    assert train.main(["--stage", "all", "--steps", "2", "--out", out, *FAST]) == 0
-    assert train.main(["--stage", "all", "--steps", "2", "--out", out, *FAST]) == 0
+    assert train.main(["--stage", "all", "--steps", "2", "--out", out, *MICRO, *FAST]) == 0
+    assert train.main(["--stage", "all", "--steps", "2", "--out", out, *MICRO, *FAST]) == 0
     printed = capsys.readouterr().out
     assert "kept the finished" in printed and "not implemented yet" in printed
 

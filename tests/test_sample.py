@@ -1,0 +1,111 @@
+"""sample.py: noise levels, Euler and Heun against the exact PF-ODE solution for Gaussian data, CFG, CLI."""
+import math
+import os
+
+import pytest
+import torch
+
+import sample
+from sample import cfg_scale, guided, karras_sigmas, sample_euler, sample_heun
+
+
+def test_karras_sigmas():
+    s = karras_sigmas(10, 0.002, 80.0, 7.0)
+    assert len(s) == 11 and s[-1] == 0
+    assert s[0].item() == pytest.approx(80.0) and s[-2].item() == pytest.approx(0.002)
+    assert (s[1:] < s[:-1]).all()
+    # evenly spaced in sigma^(1/rho)
+    r = s[:-1] ** (1 / 7)
+    assert torch.allclose(r[1:] - r[:-1], (r[1] - r[0]).expand(9), atol=1e-9)
+
+
+class Gaussian:
+    """Data x0 ~ N(mu, s^2) per dimension. Its exact denoiser is E[x0 | x] = mu + s^2 / (s^2 + sigma^2)
+    (x - mu), and the PF-ODE keeps (x - mu) / sqrt(s^2 + sigma^2) constant, so the exact sample from
+    x_T at sigma_max is mu + (x_T - mu) s / sqrt(s^2 + sigma_max^2)."""
+
+    def __init__(self, d=64, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.mu = torch.randn(d, generator=g, dtype=torch.float64)
+        self.s = torch.rand(d, generator=g, dtype=torch.float64) * 1.5 + 0.1
+
+    def D(self, x, sigma):
+        return self.mu + self.s ** 2 / (self.s ** 2 + sigma ** 2) * (x - self.mu)
+
+    def exact(self, x_T, sigma_max):
+        return self.mu + (x_T - self.mu) * self.s / (self.s ** 2 + sigma_max ** 2).sqrt()
+
+
+def solve_error(sampler, n, gauss, x_T, sigma_max=80.0):
+    x, calls = sampler(gauss.D, x_T.clone(), karras_sigmas(n, 0.002, sigma_max))
+    return (x - gauss.exact(x_T, torch.tensor(sigma_max, dtype=torch.float64))).abs().max().item(), calls
+
+
+def test_heun_and_euler_against_the_exact_pf_ode_solution():
+    gauss = Gaussian()
+    x_T = torch.randn(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80.0
+    errors = {}
+    for name, sampler in (("euler", sample_euler), ("heun", sample_heun)):
+        for n in (16, 32, 64, 128):
+            errors[name, n], calls = solve_error(sampler, n, gauss, x_T)
+            assert calls == (n if name == "euler" else 2 * n - 1)
+    for n in (32, 64, 128):                                            # far more accurate at equal steps,
+        assert errors["heun", n] < 0.2 * errors["euler", n]            # and more so as steps grow
+    assert errors["heun", 128] / errors["euler", 128] < 0.5 * errors["heun", 32] / errors["euler", 32]
+    # convergence order: doubling the steps divides the error by about 2^order
+    heun_order = math.log2(errors["heun", 64] / errors["heun", 128])
+    euler_order = math.log2(errors["euler", 64] / errors["euler", 128])
+    assert 1.7 < heun_order < 2.5 and 0.8 < euler_order < 1.3, (heun_order, euler_order)
+
+
+def test_cfg_scale_one_is_the_conditional_prediction():
+    def denoiser(x, sigma, cond, keep=None):          # a toy denoiser that uses its conditioning
+        keep = torch.ones(len(x)) if keep is None else keep
+        return x * 0.5 + cond["concat"].view(-1, 1, 1) * keep.view(-1, 1, 1) + sigma.view(-1, 1, 1)
+
+    x, sigma = torch.randn(3, 4, 2), torch.tensor(0.7)
+    cond = {"concat": torch.randn(3)}
+    D1, passes1 = guided(denoiser, cond, 1.0)
+    Dr, passes2 = guided(denoiser, cond, torch.ones(1, 4, 1))         # a ramp of ones: two passes, same result
+    expected = denoiser(x, sigma.expand(3), cond)
+    assert passes1 == 1 and passes2 == 2
+    assert torch.allclose(D1(x, sigma), expected) and torch.allclose(Dr(x, sigma), expected, atol=1e-6)
+    Dw, _ = guided(denoiser, cond, 3.0)
+    uncond = denoiser(x, sigma.expand(3), cond, keep=torch.zeros(3))
+    assert torch.allclose(Dw(x, sigma), uncond + 3.0 * (expected - uncond), atol=1e-6)
+    ramp = cfg_scale(1.0, 2.5, 8)
+    assert ramp.shape == (1, 8, 1, 1, 1) and ramp[0, 0].item() == 1.0 and ramp[0, -1].item() == 2.5
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert sample.main(["--ckpt", str(tmp_path / "none.pt"), "--index", "0"]) == 2
+    assert "none.pt not found" in capsys.readouterr().err
+    torch.save({"stage": "ae", "step": 1, "done": True}, tmp_path / "ae.pt")
+    assert sample.main(["--ckpt", str(tmp_path / "ae.pt"), "--index", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint of stage 'ae', not of teacher or 1 or 2" in err and "\n" not in err
+    (tmp_path / "junk.pt").write_text("junk")
+    assert sample.main(["--ckpt", str(tmp_path / "junk.pt"), "--index", "0"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_cli_generates_from_a_test_clip_and_an_image(tiny_run, tmp_path, capsys):
+    import av
+    import numpy as np
+    ckpt = os.path.join(tiny_run, "teacher.pt")
+    out = str(tmp_path / "grid.gif")
+    assert sample.main(["--ckpt", ckpt, "--index", "3", "--steps", "2", "--num", "2", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "2 steps, 6 NFE" in printed and "s per video" in printed and os.path.isfile(out)
+    img = str(tmp_path / "frame.png")
+    with av.open(img, "w") as c:                                   # a 48x40 image: resized with a notice
+        st = c.add_stream("png")
+        st.width, st.height, st.pix_fmt = 48, 40, "rgb24"
+        c.mux(st.encode(av.VideoFrame.from_ndarray(np.full((40, 48, 3), 90, np.uint8), format="rgb24")))
+        c.mux(st.encode())
+    assert sample.main(["--ckpt", ckpt, "--image", img, "--steps", "1", "--cfg", "1", "--out",
+                        str(tmp_path / "v.mp4")]) == 0
+    printed = capsys.readouterr().out
+    assert "resized" in printed and "1 steps, 1 NFE" in printed
+    assert sample.main(["--ckpt", ckpt, "--image", str(tmp_path / "missing.png"), "--out", out]) == 2
+    assert "image not found" in capsys.readouterr().err
