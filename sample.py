@@ -1,14 +1,17 @@
-"""Sampling: noise levels, PF-ODE solvers with classifier-free guidance, and the image -> video CLI.
+"""Sampling: noise levels, PF-ODE solvers with classifier-free guidance, the consistency samplers of
+OSV's students (k steps, and the Time Travel Sampler, OSV Eq. 13), and the image -> video CLI.
 
-Every sampler takes a denoiser D(x, sigma) -> x0_hat (k-diffusion's interface; `guided` and
-`functools.partial` bind the conditioning) and a decreasing list of noise levels ending at 0, and
-returns the sample and the number of denoiser calls. NFE = calls x network passes per call (2 with
-CFG: one conditional, one unconditional, batched together).
+Every sampler takes a denoiser D(x, sigma) -> x0_hat (k-diffusion's interface; `guided` binds the
+conditioning; a student's consistency function f_theta has the same interface) and noise levels, and
+returns the sample and the number of calls. NFE = calls x network passes per call (2 with CFG: one
+conditional, one unconditional, batched together).
 
-Read first: `sample_heun` (EDM Algorithm 2, line by line) and `guided` (SVD's per-frame CFG ramp).
+Read first: `sample_heun` (EDM Algorithm 2, line by line), `guided` (SVD's per-frame CFG ramp), then
+`sample_tts` (one step for two calls).
 
     python sample.py --ckpt runs/default/teacher.pt --index 3 --steps 25 --cfg 2.5 --out video.mp4
     python sample.py --ckpt runs/default/teacher.pt --image frame.png --num 4 --out grid.gif
+    python sample.py --ckpt runs/default/stage2.pt --image frame.png --steps 1 --tts --out video.mp4
 """
 import argparse
 import os
@@ -19,7 +22,7 @@ import torch
 
 from autoencoder import AEConfig, AutoEncoder
 from data import SyntheticVideos, UserError, load_image, write_video
-from unet import Denoiser, UNetConfig, condition
+from unet import Denoiser, UNetConfig, add_lora, condition, merge_lora
 
 
 def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -62,7 +65,51 @@ def sample_heun(D, x, sigmas):
     return x, calls
 
 
-SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
+@torch.no_grad()
+def sample_consistency(f, x, sigmas, generator=None):
+    """The consistency models' multistep sampler (Song et al. 2023, Algorithm 1) for a consistency function
+    f(x, sigma) -> x0_hat: predict x_0, re-noise to the next lower level with fresh noise, repeat; one
+    call per level, so k steps cost k calls. (CM's code re-noises by sqrt(sigma_next^2 - sigma_min^2);
+    with sigma_min = 0.002 that differs from sigma_next by under 1e-5 at every level we use.)"""
+    for i in range(len(sigmas) - 1):
+        x0 = f(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            return x0, i + 1
+        z = torch.randn(x.shape, generator=generator).to(x.device)
+        x = x0 + sigmas[i + 1] * z
+    return x, len(sigmas) - 1
+
+
+@torch.no_grad()
+def sample_tts(f, x, sigma_T, sigma_s, generator=None):
+    """The Time Travel Sampler: one step of quality for two calls (our reading of OSV Eq. 13; the text
+    we have is garbled, ../shared/PAPER.md, "Sampling"). From x at the top level T:
+      1. f_A = f(x, T)                                    call 1, the one-step prediction
+      2. e_A = (x - f_A) / sigma_T                        the noise that prediction implies
+      3. x_s = f_A + sigma_s (e_0 + e_A) / sqrt(2)        travel back in time to level s
+      4. return f(x_s, s)                                 call 2
+    Reusing e_A keeps the second call's start tied to the sample's own noise; the fresh e_0 lets it
+    correct. Ours: / sqrt(2), not the text's / 2, keeps unit variance for independent e_0 and e_A, so
+    x_s really is at level s. The text's last step re-reads the second call's raw output through the
+    scalings at T; in SVD's v-parametrisation that equals f(x_s, s) up to O(1 / sigma_s^2) for large s
+    and is no estimate of x_0 for small s, so we return f(x_s, s). s is a measured choice (README)."""
+    f_A = f(x, sigma_T)
+    e_A = (x - f_A) / sigma_T
+    e_0 = torch.randn(x.shape, generator=generator).to(x.device)
+    x_s = f_A + sigma_s * (e_0 + e_A) / 2 ** 0.5
+    return f(x_s, sigma_s), 2
+
+
+def consistency_sigmas(steps, grid):
+    """The levels of a k-step consistency sample, taken from the training grid (ascending, (N,)): the top
+    level, then evenly spaced indices below it (LCM's evenly spaced timesteps), then 0."""
+    N = len(grid)
+    idx = [round((N - 1) * (1 - j / steps)) for j in range(steps)]
+    return torch.cat([grid[idx], torch.zeros(1, dtype=grid.dtype, device=grid.device)])
+
+
+SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "consistency": sample_consistency, "tts": sample_tts}
+TTS_SIGMA = 0.5         # the Time Travel Sampler's level s: best of 0.1-10 on the tiny run (README, "Stage 2")
 
 
 def cfg_scale(scale_min, scale_max, num_frames):
@@ -76,13 +123,14 @@ def guided(denoiser, cond, scale=1.0):
     unconditional branch zeroing both image conditionings. w is a number or a per-frame ramp
     (`cfg_scale`). Returns the bound denoiser and its network passes per call."""
     if not torch.is_tensor(scale) and scale == 1.0:        # w = 1 is the conditional prediction: 1 pass
-        return (lambda x, sigma: denoiser(x, sigma.expand(len(x)).to(x.device), cond)), 1
+        return (lambda x, sigma: denoiser(x, sigma.reshape(-1).expand(len(x)).to(x.device), cond)), 1
     both = {k: torch.cat([v, v]) for k, v in cond.items()}
 
-    def D(x, sigma):
+    def D(x, sigma):                                        # sigma: a scalar or one level per sample (B,)
         B = len(x)
         keep = torch.cat([torch.ones(B), torch.zeros(B)]).to(x.device)
-        x0_c, x0_u = denoiser(torch.cat([x, x]), sigma.expand(2 * B).to(x.device), both, keep).chunk(2)
+        s = sigma.reshape(-1).expand(B).to(x.device)
+        x0_c, x0_u = denoiser(torch.cat([x, x]), torch.cat([s, s]), both, keep).chunk(2)
         w = scale.to(x.device) if torch.is_tensor(scale) else scale
         return x0_u + w * (x0_c - x0_u)
     return D, 2
@@ -90,15 +138,28 @@ def guided(denoiser, cond, scale=1.0):
 
 @torch.no_grad()
 def generate(denoiser, cond, num_frames, steps, scale=1.0, sampler="heun", sigma_min=0.002,
-             sigma_max=80.0, seed=0):
-    """Latent videos (B, T, c, h, w) from the conditioning, and the NFE per video."""
+             sigma_max=80.0, seed=0, grid_size=100, tts_sigma=TTS_SIGMA):
+    """Latent videos (B, T, c, h, w) from the conditioning, and the NFE per video. The ODE samplers use
+    Karras levels; the consistency samplers use levels of the students' training grid (gan.sigma_grid).
+    sampler "tts": the Time Travel Sampler (steps must be 1)."""
     B, c, h, w = cond["concat"].shape
     dev = cond["concat"].device
     g = torch.Generator(device="cpu").manual_seed(seed)
-    sigmas = karras_sigmas(steps, sigma_min, sigma_max).to(dev, torch.float32)
+    if sampler in ("consistency", "tts"):
+        grid = karras_sigmas(grid_size, sigma_min, sigma_max)[:-1].flip(0)       # = gan.sigma_grid
+        sigmas = consistency_sigmas(steps, grid).to(dev, torch.float32)
+    else:
+        sigmas = karras_sigmas(steps, sigma_min, sigma_max).to(dev, torch.float32)
     x = (torch.randn(B, num_frames, c, h, w, generator=g) * sigmas[0].item()).to(dev)   # EDM: x_0 = sigma_max z
     D, passes = guided(denoiser, cond, scale)
-    x, calls = SAMPLERS[sampler](D, x, sigmas)
+    if sampler == "tts":
+        if steps != 1:
+            raise UserError("the Time Travel Sampler is a one-step sampler: use --steps 1")
+        x, calls = sample_tts(D, x, sigmas[0], torch.tensor(tts_sigma, device=dev), g)
+    elif sampler == "consistency":
+        x, calls = sample_consistency(D, x, sigmas, g)
+    else:
+        x, calls = SAMPLERS[sampler](D, x, sigmas)
     return x, calls * passes
 
 
@@ -111,7 +172,13 @@ def load_model(path, device="cpu"):
     from train import load_checkpoint          # here, not at the top: train.py imports this file
     ckpt = load_checkpoint(path, ("teacher", "1", "2"))
     D = Denoiser(UNetConfig(**ckpt["unet_config"]), ckpt["ae_config"]["latent_channels"])
-    D.load_state_dict(ckpt["ema"]["denoiser"])
+    if ckpt["stage"] == "teacher":
+        D.load_state_dict(ckpt["ema"]["denoiser"])
+    else:                                      # a student: consistency parametrisation, LoRA merged for speed
+        D.sigma_min = ckpt["sigma_min"]
+        add_lora(D, ckpt["lora"]["rank"], convs=ckpt["lora"]["convs"])
+        D.load_state_dict(ckpt["ema"]["student"])
+        merge_lora(D)
     ae = AutoEncoder(AEConfig(**ckpt["ae_config"]))
     ae.load_state_dict(ckpt["ae_state"])
     return D.to(device).eval(), ae.to(device).eval(), ckpt["config"], ckpt["stage"]
@@ -123,9 +190,12 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--image", help="conditioning frame (PNG or JPEG)")
     src.add_argument("--index", type=int, help="take the conditioning frame from synthetic test clip N")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="heun")
-    p.add_argument("--cfg", type=float, default=2.5, help="guidance scale on the last frame (1 = none)")
+    p.add_argument("--steps", type=int, help="default: 25 for the teacher, 1 for a student (stage 1 or 2)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: heun (teacher), consistency (student)")
+    p.add_argument("--tts", action="store_true", help="a student's one step with the Time Travel Sampler (2 NFE)")
+    p.add_argument("--tts-sigma", type=float, default=TTS_SIGMA, help="the Time Travel Sampler's level s")
+    p.add_argument("--cfg", type=float, help="guidance scale on the last frame (1 = none); default: 2.5 for "
+                   "the teacher, 1 for a student (OSV: CFG is distilled in, applying it again over-exposes)")
     p.add_argument("--cfg-min", type=float, default=1.0, help="guidance scale on the first frame (SVD's ramp)")
     p.add_argument("--fps", type=float, default=12.0, help="micro-condition for --image (synthetic: 8, 12, 24)")
     p.add_argument("--motion", type=float, default=5.0, help="micro-condition for --image (synthetic: 1-12)")
@@ -139,6 +209,12 @@ def main(argv=None):
         if not a.out.lower().endswith((".mp4", ".gif")):
             raise UserError(f"--out {a.out}: use .mp4 or .gif")
         D, ae, cfg, stage = load_model(a.ckpt, a.device)
+        teacher = stage == "teacher"
+        a.steps = a.steps or (cfg["sample_steps"] if teacher else 1)
+        a.sampler = "tts" if a.tts else a.sampler or ("heun" if teacher else "consistency")
+        a.cfg = a.cfg if a.cfg is not None else (cfg["cfg_max"] if teacher else 1.0)
+        if a.sampler in ("consistency", "tts") and teacher:
+            raise UserError(f"the {a.sampler} sampler needs a student (stage 1 or 2 checkpoint), not the teacher")
         size, T = cfg["image_size"], cfg["num_frames"]
         if a.image:
             frame = load_image(a.image, size)[None]
@@ -151,7 +227,8 @@ def main(argv=None):
         cond = condition(ae, rep(frame), rep(fps), rep(motion), torch.full((a.num,), a.cond_aug, device=a.device))
         scale = cfg_scale(a.cfg_min, a.cfg, T) if a.cfg != 1 or a.cfg_min != 1 else 1.0
         t0 = time.perf_counter()
-        z, nfe = generate(D, cond, T, a.steps, scale, a.sampler, cfg["sigma_min"], cfg["sigma_max"], a.seed)
+        z, nfe = generate(D, cond, T, a.steps, scale, a.sampler, cfg["sigma_min"], cfg["sigma_max"], a.seed,
+                          cfg.get("grid_size", 100), a.tts_sigma)
         video = ae.decode_video(z)
         sec = (time.perf_counter() - t0) / a.num
         write_video(a.out, video if a.num > 1 else video[0], fps=8)

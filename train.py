@@ -1,7 +1,7 @@
 """Training: the CLI, the presets, and the one loop that every stage of the pipeline shares.
 
-    python train.py --stage ae           # the latent autoencoder (autoencoder.py)
-    python train.py --stage all          # every stage implemented so far, in order, kept when finished
+    python train.py --stage ae           # the latent autoencoder (autoencoder.py); also teacher, 1, 2
+    python train.py --stage all          # ae, teacher, 1, 2 in order (finished ones kept), then the report
     torchrun --nproc_per_node=2 train.py --stage ae     # DistributedDataParallel, gloo on CPU
 
 The paper's "implementation details" live here: Adam, mixed precision (bf16 autocast on CUDA by
@@ -74,6 +74,27 @@ class Config:
     cfg_min: float = 1.0            # SVD's per-frame guidance ramp, first to last frame (svd.yaml: 1.0 -> 2.5)
     cfg_max: float = 2.5
     sample_steps: int = 25          # SVD: 25 steps
+    # Stage 1, latent GAN pretraining (gan.py, discriminator.py); "ours" = not given by the paper
+    stage1_steps: int = 400         # the paper: 2K iterations; ours: 7.7 min on 2 CPU cores
+    stage1_batch_size: int = 8      # the paper: 1 per GPU x 8 GPUs
+    stage1_lr: float = 2e-4         # LoRA's Adam; the paper's 5e-6 is for SVD at 2K steps, far too slow here
+    disc_lr: float = 2e-4           # ours
+    lora_rank: int = 8              # ours; 0 = full fine-tuning (the paper's negative result)
+    lora_convs: bool = True         # LoRA on the convolutions too, not only attention (ours, measured)
+    grid_size: int = 100            # OSV: 100 timesteps
+    lambda_adv: float = 0.1         # OSV: the adversarial weight in both stages
+    huber_c: float = 0.001          # OSV (from LCM): pseudo-Huber c
+    disc_backbone: str = "ae"       # ae | vit | dinov2 (discriminator.py; the offline default is measured)
+    disc_input: str = "latent"      # latent (OSV) | decoded (the paper's Table 2e ablation)
+    disc_r: int = 0                 # PixelShuffle factor; 0 = autoencoder downsampling / 2 (OSV: 4 on 1/8)
+    # Stage 2, adversarial consistency distillation (distill.py)
+    stage2_steps: int = 200         # the paper: 20K iterations
+    stage2_batch_size: int = 8      # the paper: 1 per GPU x 2 GPUs
+    stage2_lr: float = 1e-4         # ours (the paper: 5e-6 at SVD scale)
+    m: int = 5                      # OSV: the teacher walks 5 grid steps per target
+    teacher_cfg: str = "ramp"       # CFG in the teacher's steps: SVD's ramp cfg_min -> cfg_max, or a number
+    target_decay: float = 0.95      # EMA of the target network (Song et al. 2023's fixed mu)
+    from_teacher: bool = False      # the ablation "no Stage 1": ACD from the teacher, LoRA and D from scratch
     # the loop
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -82,6 +103,8 @@ class Config:
     sample_every: int = 500
     ckpt_every: int = 500
     eval_clips: int = 256           # held-out clips for the end-of-stage measurement
+    report_clips: int = 200         # held-out clips per row of the report that ends --stage all
+    feature_steps: int = 1500       # training steps of the FVD-syn feature network (evaluate.py)
     seed: int = 0
     device: str = ""                # empty: cuda if available, else cpu
     dtype: str = ""                 # empty: bfloat16 on CUDA, float32 on CPU
@@ -98,7 +121,7 @@ STAGES = ["ae", "teacher", "1", "2"]                    # the pipeline, in order
 PREFIX = {"ae": "ae", "teacher": "teacher", "1": "stage1", "2": "stage2"}   # config-field prefixes
 # fields that may change when a run is resumed; anything else must match the checkpoint
 RUN_FIELDS = {"device", "dtype", "compile", "workers", "log_every", "sample_every", "ckpt_every",
-              "eval_clips"} | {f"{p}_steps" for p in PREFIX.values()}
+              "eval_clips", "report_clips", "feature_steps"} | {f"{p}_steps" for p in PREFIX.values()}
 
 
 class NonFiniteLoss(Exception):
@@ -112,13 +135,13 @@ class EMA:
     """Exponential moving average of a network's weights; buffers are copied. The decay ramps up as
     (1 + step) / (10 + step) so early averages are not dominated by the random initialisation."""
 
-    def __init__(self, model, decay):
+    def __init__(self, model, decay, warmup=True):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
 
     @torch.no_grad()
     def update(self, model, step):
-        d = min(self.decay, (1 + step) / (10 + step))
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
         torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
@@ -273,7 +296,54 @@ def setup_teacher(cfg, run):
                         "ae_state": ae.state_dict()})
 
 
-SETUP = {"ae": setup_ae, "teacher": setup_teacher}
+def load_teacher(run):
+    """The finished teacher of this run folder (EMA weights) and its UNet config."""
+    ck = load_checkpoint(os.path.join(run.out, "teacher.pt"), "teacher",
+                         f"python train.py --stage teacher --out {run.out}")
+    D = unet.Denoiser(unet.UNetConfig(**ck["unet_config"]), ck["ae_config"]["latent_channels"])
+    D.load_state_dict(ck["ema"]["denoiser"])
+    return D.to(run.device), ck["unet_config"]
+
+
+def make_student(teacher, sigma_min, rank, convs):
+    """OSV's student: a copy of the teacher in the consistency parametrisation (f(x, sigma_min) = x),
+    LoRA-adapted (rank 0: every weight trains). Returns it and its trainable parameters."""
+    f = copy.deepcopy(teacher)
+    f.sigma_min = sigma_min
+    return f, unet.add_lora(f, rank, convs=convs)
+
+
+def student_videos(f, ae, run, cfg, n, steps):
+    """n held-out clips and a student's videos from their first frames (consistency sampler, no CFG)."""
+    b = run.eval_batch(n)
+    cond = unet.condition(ae, b["video"], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
+    z, _ = generate(f, cond, cfg.num_frames, steps, 1.0, "consistency", cfg.sigma_min, cfg.sigma_max,
+                    seed=cfg.seed, grid_size=cfg.grid_size)
+    return b["video"], ae.decode_video(z).clamp(-1, 1)
+
+
+def report_student(name, f, ae, run, cfg, steps=1):
+    n = min(64, cfg.eval_clips)
+    real, fake = student_videos(f, ae, run, cfg, n, steps)
+    d = diagnostics(fake, real, real[:, 0])
+    if run.master:
+        print(f"{name}, {steps} step (NFE {steps}) on {n} {run.eval_name}: first-frame PSNR "
+              f"{d['first_frame_psnr']:.2f} dB, static-video rate {d['static_rate']:.3f}, motion relative to "
+              f"real {d['motion_ratio']:.3f}")
+    return d
+
+
+def setup_stage1(cfg, run):
+    from gan import setup_stage1
+    return setup_stage1(cfg, run)
+
+
+def setup_stage2(cfg, run):
+    from distill import setup_stage2
+    return setup_stage2(cfg, run)
+
+
+SETUP = {"ae": setup_ae, "teacher": setup_teacher, "1": setup_stage1, "2": setup_stage2}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,8 +352,8 @@ SETUP = {"ae": setup_ae, "teacher": setup_teacher}
 class Run:
     """What every stage shares: device, precision, distributed context, data, run folder."""
 
-    def __init__(self, cfg, out):
-        self.cfg, self.out = cfg, out
+    def __init__(self, cfg, out, tag=""):
+        self.cfg, self.out, self.tag = cfg, out, tag
         self.ddp = "RANK" in os.environ
         cuda = torch.cuda.is_available() and cfg.device != "cpu"
         if self.ddp:
@@ -330,9 +400,18 @@ class Run:
         return self.eval_batch(n)["video"]
 
     def log(self, record):
+        record = {**record, "tag": self.tag} if self.tag else record
         if self.master:
             with open(os.path.join(self.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def ckpt_path(run, name, tag=None):
+    """ae.pt, teacher.pt, stage1.pt, stage2.pt in the run folder. A --tag names the student stages'
+    files of an ablation (stage1_<tag>.pt, stage2_<tag>.pt) beside the main run's, which share its
+    autoencoder and teacher; evaluate.py --run reports every tagged file as a row."""
+    tag = run.tag if tag is None else tag
+    return os.path.join(run.out, PREFIX[name] + (f"_{tag}" if tag and name in ("1", "2") else "") + ".pt")
 
 
 def train_stage(name, cfg, run, mode):
@@ -342,7 +421,7 @@ def train_stage(name, cfg, run, mode):
     steps, B, lr = (getattr(cfg, f"{prefix}_{k}") for k in ("steps", "batch_size", "lr"))
     if B % run.world:
         raise UserError(f"batch size {B} does not split over {run.world} processes")
-    path = os.path.join(run.out, f"{name}.pt")
+    path = ckpt_path(run, name)
     ckpt = None
     if os.path.isfile(path) and mode != "fresh":
         try:
@@ -377,9 +456,9 @@ def train_stage(name, cfg, run, mode):
         scaler.load_state_dict(ckpt["scaler"])
         start = ckpt["step"]
     last_good = f"{path} (step {start})" if ckpt is not None else "none: no checkpoint was written yet"
-    for o in spec.opts.values():
+    for o in spec.opts.values():             # each optimiser keeps its own base rate (Stage 1: G and D)
         for g in o.param_groups:
-            g["initial_lr"] = g["lr"] = g.get("initial_lr", lr)
+            g["initial_lr"] = g.get("initial_lr", g["lr"])
     nets = {}
     for k, m in spec.models.items():
         net = DDP(m, device_ids=[run.device.index] if run.device.type == "cuda" else None) if run.ddp else m
@@ -387,10 +466,11 @@ def train_stage(name, cfg, run, mode):
         m.train()
 
     def lr_at(s):
+        """The learning-rate factor of step s: linear warm-up, then constant or a cosine decay to 10%."""
         warm = min(1.0, (s + 1) / max(1, cfg.warmup))
         if not spec.cosine:
-            return lr * warm
-        return lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+            return warm
+        return warm * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
 
     def update(loss, k):
         """Backward, unscale, clip, step: the same four lines for every optimiser of every stage."""
@@ -432,7 +512,7 @@ def train_stage(name, cfg, run, mode):
             batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
             for o in spec.opts.values():
                 for g in o.param_groups:
-                    g["lr"] = lr_at(step)
+                    g["lr"] = g["initial_lr"] * lr_at(step)
             with run.autocast:
                 stats = spec.step(nets, batch, update)
             scaler.update()
@@ -458,7 +538,7 @@ def train_stage(name, cfg, run, mode):
             if done % cfg.log_every == 0 or done == steps:
                 means = {k: v / n for k, v in sums.items()}
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
-                run.log({"stage": name, "step": done, **means, "lr": lr_at(step),
+                run.log({"stage": name, "step": done, **means, "lr": lr * lr_at(step),
                          "it_s": n / (time.time() - t0)})
                 sums, n, t0 = {}, 0, time.time()
             if run.master and spec.sample and (done % cfg.sample_every == 0 or done == steps):
@@ -494,6 +574,7 @@ def parse(argv):
     p.add_argument("--stage", required=True, choices=STAGES + ["all"])
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--out", default="runs/default", help="run folder (default runs/default)")
+    p.add_argument("--tag", default="", help="an ablation's name: stage 1/2 write stage1_TAG.pt, stage2_TAG.pt")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the stage from its checkpoint")
     g.add_argument("--fresh", action="store_true", help="start over, overwriting checkpoints")
@@ -532,14 +613,18 @@ def main(argv=None):
     cfg = make_config(args, [s for s in stages if s in SETUP])
     run = None
     try:
-        run = Run(cfg, args.out)
+        if args.tag and not args.tag.replace("-", "").isalnum():
+            raise UserError(f"--tag {args.tag!r}: use letters, digits and dashes")
+        run = Run(cfg, args.out, args.tag)
         mode = "fresh" if args.fresh else "resume" if args.resume else "keep" if args.stage == "all" else "new"
         for s in stages:
-            if s not in SETUP:
-                if run.master:
-                    print(f"stage {s}: not implemented yet (see README.md, status)")
-                continue
             train_stage(s, cfg, run, mode)
+        if args.stage == "all" and run.master and not cfg.data:
+            from evaluate import write_report              # here: evaluate.py's report imports sample.py
+            write_report(args.out, cfg.report_clips, str(run.device), cfg.feature_steps)
+        elif args.stage == "all" and run.master:
+            print("report: the replication report measures against the synthetic test split; for a folder of "
+                  "videos compare samples with `python evaluate.py --real FOLDER --fake SAMPLES`")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

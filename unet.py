@@ -344,16 +344,82 @@ class ImageEmbedder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# LoRA: how OSV adapts the teacher (Stage 1 trains LoRA only; full fine-tuning collapsed to static
+# videos in the paper). Hu et al. 2021: W x + (alpha / r) B A x, with B zero-initialised.
+
+class LoRA(nn.Module):
+    """A frozen Linear or ConvNd plus a trainable low-rank update. For a conv, A is a conv with the base
+    kernel and r output channels and B a 1x1 conv, so B A is a rank-r change of the flattened kernel.
+    B starts at zero: the adapted network starts exactly equal to the base network."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale, self.merged = base.requires_grad_(False), alpha / rank, False
+        if isinstance(base, nn.Linear):
+            self.A = nn.Linear(base.in_features, rank, bias=False)
+            self.B = nn.Linear(rank, base.out_features, bias=False)
+        else:
+            k = base.kernel_size
+            self.A = type(base)(base.in_channels, rank, k, base.stride, base.padding, bias=False)
+            self.B = type(base)(rank, base.out_channels, 1, bias=False)
+        nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.B.weight)
+
+    def delta(self):
+        """(alpha / r) B A as a change of the base weight: (out, r) @ (r, in * kernel) -> base's shape."""
+        return (self.B.weight.flatten(1) @ self.A.weight.flatten(1)).view_as(self.base.weight) * self.scale
+
+    @torch.no_grad()
+    def merge(self, on=True):
+        """Fold B A into the base weight (on=True) or take it back out (on=False); the output is unchanged."""
+        if on != self.merged:
+            self.base.weight += self.delta() if on else -self.delta()
+            self.merged = on
+
+    def forward(self, x):
+        y = self.base(x)
+        return y if self.merged else y + self.B(self.A(x)) * self.scale
+
+
+def add_lora(model, rank, alpha=None, convs=False):
+    """Freeze `model` and wrap its attention projections (q, k, v, out) and, with convs=True, every
+    convolution in LoRA adapters of this rank (alpha defaults to the rank: scale 1). rank 0 means full
+    fine-tuning: nothing is wrapped and everything trains. Returns the trainable parameters."""
+    if rank == 0:
+        return [p for p in model.requires_grad_(True).parameters()]
+    model.requires_grad_(False)
+    targets = [(m, n) for m in model.modules() for n, c in m.named_children()
+               if (isinstance(m, Attention) and n in ("to_q", "to_k", "to_v", "to_out"))
+               or (convs and isinstance(c, (nn.Conv1d, nn.Conv2d, nn.Conv3d)))]
+    for m, n in targets:
+        setattr(m, n, LoRA(getattr(m, n), rank, alpha or rank))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def merge_lora(model, on=True):
+    for m in model.modules():
+        if isinstance(m, LoRA):
+            m.merge(on)
+
+
+# ----------------------------------------------------------------------------------------------
 # Preconditioning and the denoising loss
 
-def scalings(sigma, sigma_data):
+def scalings(sigma, sigma_data, sigma_min=None):
     """c_skip, c_out, c_in, c_noise of SVD's denoiser (`VScalingWithEDMcNoise`): EDM's formulas
     (Karras et al. 2022, Table 1) with sigma_data = 1 and a negative c_out, i.e. v-prediction.
     Why this form and not EDM's sigma_data = 0.5: our latents are divided by a scale_factor measured
     to give unit std, so sigma_data = 1 is the value that makes the network's input and training
-    target unit-variance; the sign is SVD's, so that the network's output means what SVD's means."""
-    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
-    c_out = -sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    target unit-variance; the sign is SVD's, so that the network's output means what SVD's means.
+
+    With sigma_min given: the consistency parametrisation f_theta of OSV's students (Stages 1 and 2).
+    OSV does not give c_skip, c_out; we take the consistency models' boundary form (Song et al. 2023,
+    `get_scalings_for_boundary_condition`: sigma - sigma_min in place of sigma in c_skip and c_out's
+    numerator), with SVD's sigma_data = 1 and sign. Then f(x, sigma_min) = x exactly, and above
+    sigma_min f differs from the teacher's denoiser by O(sigma_min): the student starts as the teacher."""
+    s = sigma if sigma_min is None else sigma - sigma_min
+    c_skip = sigma_data ** 2 / (s ** 2 + sigma_data ** 2)
+    c_out = -s * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
     c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
     c_noise = 0.25 * sigma.log()
     return c_skip, c_out, c_in, c_noise
@@ -371,11 +437,12 @@ class Denoiser(nn.Module):
         self.unet = VideoUNet(unet_cfg)
         self.embedder = ImageEmbedder(latent_channels, unet_cfg.context_dim)
         self.sigma_data = sigma_data
+        self.sigma_min = None          # set to the grid's lowest level: a consistency function f_theta
 
     def forward(self, x, sigma, cond, keep=None, image_only=False):
         B, T = x.shape[:2]
         x, sigma = x.float(), sigma.float().reshape(B, 1, 1, 1, 1)      # scalings and output in fp32
-        c_skip, c_out, c_in, c_noise = scalings(sigma, self.sigma_data)
+        c_skip, c_out, c_in, c_noise = scalings(sigma, self.sigma_data, self.sigma_min)
         keep = torch.ones(B, device=x.device) if keep is None else keep.float()
         concat = cond["concat"] * keep.view(B, 1, 1, 1)
         context = self.embedder(cond["image"]) * keep.view(B, 1, 1)

@@ -83,12 +83,22 @@ def test_errors_are_one_line(tmp_path, capsys):
         train.load_checkpoint(os.path.join(out, "nothing.pt"), "ae", "python train.py --stage ae")
 
 
-def test_stage_all_keeps_finished_stages(tmp_path, capsys):
+def test_stage_all_end_to_end_and_kept(tmp_path, capsys):
+    """--stage all on a micro preset: ae, teacher, stage 1, stage 2, then the report; a second call keeps
+    every finished stage and only rewrites the report."""
     out = str(tmp_path / "r")
-    assert train.main(["--stage", "all", "--steps", "2", "--out", out, *MICRO, *FAST]) == 0
-    assert train.main(["--stage", "all", "--steps", "2", "--out", out, *MICRO, *FAST]) == 0
+    args = ["--stage", "all", "--steps", "2", "--out", out, "--report-clips", "6", "--feature-steps", "5",
+            *MICRO, *FAST]
+    assert train.main(args) == 0
+    for name in ("ae.pt", "teacher.pt", "stage1.pt", "stage2.pt", "report.md", "report_grid.gif"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    report = open(os.path.join(out, "report.md")).read()
+    for row in ("| teacher, Euler + CFG | 25 | 50 |", "| Stage 1 only (LGP) | 1 | 1 |", "| OSV | 1 | 1 |",
+                "| OSV + TTS | 1 | 2 |", "| OSV | 4 | 4 |", "| CFG 3.0 at inference (1 step, no TTS) | 1 | 2 |"):
+        assert row in report, row
+    assert train.main(args) == 0
     printed = capsys.readouterr().out
-    assert "kept the finished" in printed and "not implemented yet" in printed
+    assert printed.count("kept the finished") == 4 and "Table 2: ablations" in printed
 
 
 def test_bfloat16_autocast_on_cpu(tmp_path):

@@ -1,0 +1,152 @@
+"""Stage 2 of OSV, Adversarial Consistency Distillation (ACD): OSV Eq. (8) and the Stage 2 losses.
+
+../shared/PAPER.md, "Stage 2". A real latent is noised to level t_{n+m} of the 100-point grid. The
+frozen teacher walks m first-order steps down the grid, classifier-free guidance folded into every
+step, to x^_{t_n}; the EMA target network's prediction there, f_theta-(x^_{t_n}, t_n), is what the
+student's one jump f_theta(x_{t_{n+m}}, t_{n+m}) must equal:
+
+    x^_{t_{k-1}} = x^_{t_k} + (t_{k-1} - t_k) Phi(x^_{t_k}, t_k)   k = n+m ... n+1   (OSV Eq. 8)
+    L_g2 = lambda(t_n) d(f_theta-(x^_{t_n}, t_n), f_theta(x_{t_{n+m}}, t_{n+m})) + 0.1 ReLU(1 - D(f_theta(...)))
+    L_d2 = ReLU(1 - D(f_theta-(x^_{t_n}, t_n))) + ReLU(1 + D(f_theta(x_{t_{n+m}}, t_{n+m})))
+
+The discriminator's "real" side is the target's prediction, not data: the adversarial loss can reach
+zero exactly when the student is consistent, so it does not fight the distillation (the paper's
+argument). Read first: `acd_pair` (Eq. 8 and the two predictions), then `acd_step`.
+
+Choices the paper leaves open, made here (README, "Stage 2"):
+- Phi is the PF-ODE direction (x - D(x; t)) / t of the teacher's denoiser (EDM Eq. 4): Euler steps.
+- CFG in the teacher step: Phi^ = Phi_u + w (Phi_c - Phi_u) with SVD's per-frame ramp (1.0 -> 2.5) by
+  default, a constant with --teacher-cfg W. Linear in D, so it is guided(D) in sample.py.
+- lambda(t_n) = 1 (uniform, as the consistency-distillation launch scripts of Song et al. 2023);
+  see `distill_weight` for why not iCT's 1 / (t_{n+m} - t_n) on this grid.
+- the target's EMA decay mu = 0.95 (Song et al. 2023's fixed target EMA), updated after every step.
+"""
+import torch
+
+from gan import accuracy, hinge_d, hinge_g, pseudo_huber, split
+
+
+def teacher_solve(D, x, levels):
+    """OSV Eq. (8): first-order steps of the teacher's PF-ODE through `levels` (m + 1, B), from
+    levels[0] = t_{n+m} down to levels[-1] = t_n, each sample on its own levels. D(x, sigma (B,))."""
+    for k in range(len(levels) - 1):
+        t, t_next = levels[k].view(-1, 1, 1, 1, 1), levels[k + 1].view(-1, 1, 1, 1, 1)
+        phi = (x - D(x, levels[k])) / t                                                # dx/dsigma
+        x = x + (t_next - t) * phi
+    return x
+
+
+def distill_weight(t_n, t_nm):
+    """lambda(t_n). iCT's 1 / (t_{n+m} - t_n) spans four orders of magnitude on our Karras grid (about
+    0.05 at the top, 400 at the bottom for m = 5), so the levels just above sigma_min, where the
+    boundary condition already makes f nearly exact, would carry most of the gradient; the level that
+    one-step sampling uses would carry almost none. We keep the consistency-distillation default,
+    uniform. The signature keeps the place for another schedule."""
+    return torch.ones_like(t_n)
+
+
+def acd_pair(f, f_target, solve, x0, eps, grid, n, m):
+    """The student's prediction at t_{n+m} and the target's at t_n (no gradient). f, f_target, solve
+    take (x, sigma (B,)) with the conditioning bound; n (B,) indexes the ascending grid."""
+    t_nm, t_n = grid[n + m], grid[n]
+    x = x0 + t_nm.view(-1, 1, 1, 1, 1) * eps                                          # x_{t_{n+m}}
+    with torch.no_grad():
+        levels = torch.stack([grid[n + m - j] for j in range(m + 1)])                 # (m + 1, B)
+        x_hat = solve(x, levels)                                                       # x^_{t_n}, Eq. (8)
+        target = f_target(x_hat, t_n).float()                                          # f_theta-(x^_{t_n}, t_n)
+    return f(x, t_nm), target
+
+
+def acd_step(f, f_target, solve, D, D_plain, x0, grid, m, update_g, update_d, lambda_adv=0.1, c=0.001):
+    """One Stage 2 step. f is the student (maybe DDP-wrapped), f_target the EMA target, solve the
+    teacher's m-step solve, D / D_plain the discriminator wrapped / unwrapped (see gan.lgp_step)."""
+    B = len(x0)
+    n = torch.randint(len(grid) - m, (B,), device=x0.device)                          # n + m <= N - 1
+    student, target = acd_pair(f, f_target, solve, x0, torch.randn_like(x0), grid, n, m)
+    dist = (distill_weight(grid[n], grid[n + m]) * pseudo_huber(target, student, c)).mean()
+    adv = hinge_g(D_plain(student))
+    update_g(dist + lambda_adv * adv)
+    real_logits, fake_logits = split(D(torch.cat([target, student.detach()])))       # "real" = the target
+    loss_d = hinge_d(real_logits, fake_logits)
+    update_d(loss_d)
+    return {"loss": dist + lambda_adv * adv, "distill": dist, "adv_g": adv, "loss_d": loss_d,
+            "acc_real": accuracy(real_logits, True), "acc_fake": accuracy(fake_logits, False)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage, for train.py's loop
+
+def setup_stage2(cfg, run):
+    """`python train.py --stage 2`: student and target from Stage 1's EMA student (LoRA unmerged and
+    trainable, plus the temporal blend scalars alpha of every video block, the "specific layers" we
+    unfreeze: they set how much each block mixes time, and cost nothing), the discriminator from Stage 1,
+    the frozen teacher. With --from-teacher (the ablation "no Stage 1"): the student from the teacher
+    with fresh LoRA, a fresh discriminator."""
+    import os
+
+    import unet
+    from data import UserError, write_video
+    from discriminator import Discriminator
+    from gan import sigma_grid
+    from sample import cfg_scale, guided
+    from train import (EMA, Stage, ckpt_path, load_ae, load_checkpoint, load_teacher, make_student,
+                       report_student, student_videos)
+    ae, ae_config = load_ae(run)
+    teacher, ucfg = load_teacher(run)
+    teacher.eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    if cfg.from_teacher:
+        f, _ = make_student(teacher, cfg.sigma_min, cfg.lora_rank, cfg.lora_convs)
+        lora, dcfg, s1 = {"rank": cfg.lora_rank, "convs": cfg.lora_convs}, cfg, None
+    else:
+        path = ckpt_path(run, "1")
+        path = path if os.path.isfile(path) else ckpt_path(run, "1", tag="")     # a tag's own Stage 1, if any
+        s1 = load_checkpoint(path, "1", f"python train.py --stage 1 --out {run.out}")
+        lora = s1["lora"]
+        f, _ = make_student(teacher, cfg.sigma_min, lora["rank"], lora["convs"])
+        f.load_state_dict(s1["ema"]["student"])
+        dcfg = type(cfg)(**s1["config"])
+    for name, p in f.named_parameters():
+        if name.endswith("mix_factor"):
+            p.requires_grad_(True)
+    disc = Discriminator(ae, dcfg.disc_backbone, dcfg.disc_input, dcfg.disc_r or None).to(run.device)
+    if s1 is not None:
+        disc.load_state_dict(s1["models"]["disc"])
+    target = EMA(f, cfg.target_decay, warmup=False)                  # theta-, updated by the loop each step
+    opt_g = torch.optim.Adam([p for p in f.parameters() if p.requires_grad], lr=cfg.stage2_lr)
+    opt_d = torch.optim.Adam([p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr, betas=(0.0, 0.99))
+    grid = sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(run.device)
+    if not 1 <= cfg.m < cfg.grid_size:
+        raise UserError(f"--m must be between 1 and {cfg.grid_size - 1}")
+    try:
+        scale = cfg_scale(cfg.cfg_min, cfg.cfg_max, cfg.num_frames) if cfg.teacher_cfg == "ramp" \
+            else float(cfg.teacher_cfg)
+    except ValueError:
+        raise UserError(f"--teacher-cfg must be 'ramp' or a number, not {cfg.teacher_cfg!r}") from None
+
+    def step(nets, batch, update):
+        video = batch["video"]                                                     # (B, T, 3, H, W)
+        B = len(video)
+        x0 = ae.encode_video(video).float()                                        # (B, T, c, h, w)
+        cond_aug = (torch.randn(B, device=video.device) * 0.5 - 3.0).exp()
+        cond = unet.condition(ae, video, batch["fps"], batch["motion"], cond_aug)
+        D_teacher, _ = guided(teacher, cond, scale)                                # CFG in every step
+
+        def update_d(loss):
+            opt_d.zero_grad(set_to_none=True)
+            update(loss, "disc")
+        return acd_step(lambda x, s: nets["student"](x, s, cond), lambda x, s: target.model(x, s, cond),
+                        lambda x, levels: teacher_solve(D_teacher, x, levels), nets["disc"], disc, x0, grid,
+                        cfg.m, lambda loss: update(loss, "student"), update_d, cfg.lambda_adv, cfg.huber_c)
+
+    def sample(path):
+        real, fake = student_videos(target.model, ae, run, cfg, 4, 1)
+        write_video(path, torch.cat([real, fake]), fps=8, ncol=4)          # top: real; bottom: 1 step
+
+    def finish():
+        return {"diagnostics": report_student("stage 2", target.model, ae, run, cfg)}
+
+    return Stage({"student": f, "disc": disc}, {"student": opt_g, "disc": opt_d}, step, {"student": target},
+                 sample, finish, cosine=False,
+                 extra={"unet_config": ucfg, "ae_config": ae_config, "ae_state": ae.state_dict(), "lora": lora,
+                        "sigma_min": cfg.sigma_min, "init": "teacher" if s1 is None else os.path.basename(path)})
