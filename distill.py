@@ -84,13 +84,12 @@ def setup_stage2(cfg, run):
     with fresh LoRA, a fresh discriminator."""
     import os
 
-    import unet
     from data import UserError, write_video
     from discriminator import Discriminator
     from gan import sigma_grid
     from sample import cfg_scale, guided
-    from train import (EMA, Stage, ckpt_path, load_ae, load_checkpoint, load_teacher, make_student,
-                       report_student, student_videos)
+    from train import (EMA, Stage, ckpt_path, latents_and_condition, load_ae, load_checkpoint, load_teacher,
+                       make_student, report_student, student_videos)
     ae, ae_config = load_ae(run)
     teacher, ucfg = load_teacher(run)
     teacher.eval().requires_grad_(False)
@@ -125,11 +124,7 @@ def setup_stage2(cfg, run):
         raise UserError(f"--teacher-cfg must be 'ramp' or a number, not {cfg.teacher_cfg!r}") from None
 
     def step(nets, batch, update):
-        video = batch["video"]                                                     # (B, T, 3, H, W)
-        B = len(video)
-        x0 = ae.encode_video(video).float()                                        # (B, T, c, h, w)
-        cond_aug = (torch.randn(B, device=video.device) * 0.5 - 3.0).exp()
-        cond = unet.condition(ae, video, batch["fps"], batch["motion"], cond_aug)
+        x0, cond = latents_and_condition(ae, batch)                                # (B, T, c, h, w)
         D_teacher, _ = guided(teacher, cond, scale)                                # CFG in every step
 
         def update_d(loss):

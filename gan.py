@@ -84,9 +84,9 @@ def lgp_step(f, D, D_plain, x0, cond, grid, update_g, update_d, lambda_adv=0.1, 
 def setup_stage1(cfg, run):
     """`python train.py --stage 1`: networks, optimisers and the step for train.py's shared loop. The
     student and its EMA start from the teacher's EMA weights; the discriminator from scratch."""
-    import unet
     from discriminator import Discriminator
-    from train import EMA, Stage, load_ae, load_teacher, make_student, report_student, student_videos
+    from train import (EMA, Stage, latents_and_condition, load_ae, load_teacher, make_student, report_student,
+                       student_videos)
     from data import write_video
     ae, ae_config = load_ae(run)
     teacher, ucfg = load_teacher(run)
@@ -100,11 +100,7 @@ def setup_stage1(cfg, run):
     grid = sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(run.device)
 
     def step(nets, batch, update):
-        video = batch["video"]                                                     # (B, T, 3, H, W)
-        B = len(video)
-        x0 = ae.encode_video(video).float()                                        # (B, T, c, h, w)
-        cond_aug = (torch.randn(B, device=video.device) * 0.5 - 3.0).exp()        # as the teacher's training
-        cond = unet.condition(ae, video, batch["fps"], batch["motion"], cond_aug)
+        x0, cond = latents_and_condition(ae, batch)                                # (B, T, c, h, w)
 
         def update_d(loss):
             opt_d.zero_grad(set_to_none=True)      # drop what the generator's loss left in D's gradients

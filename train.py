@@ -258,13 +258,9 @@ def setup_teacher(cfg, run):
     opt = torch.optim.Adam(D.parameters(), lr=cfg.teacher_lr)
 
     def step(nets, batch, update):
-        video = batch["video"]                                                     # (B, T, 3, H, W)
-        B = len(video)
-        x0 = ae.encode_video(video).float()                                        # (B, T, c, h, w)
-        # SVD's noise augmentation of the conditioning frame, sigma ~ LogNormal(-3, 0.5) (AnimateLCM)
-        cond_aug = (torch.randn(B, device=video.device) * 0.5 - 3.0).exp()
-        cond = unet.condition(ae, video, batch["fps"], batch["motion"], cond_aug)
-        keep = (torch.rand(B, device=video.device) >= cfg.cond_drop).float()      # conditioning dropout
+        x0, cond = latents_and_condition(ae, batch)
+        B = len(x0)
+        keep = (torch.rand(B, device=x0.device) >= cfg.cond_drop).float()         # conditioning dropout
         loss = unet.edm_loss(nets["denoiser"], x0, cond, cfg.p_mean, cfg.p_std, keep)
         update(loss, "denoiser")
         return {"loss": loss}
@@ -294,6 +290,16 @@ def setup_teacher(cfg, run):
     return Stage({"denoiser": D}, {"denoiser": opt}, step, {"denoiser": ema}, sample, finish,
                  extra={"unet_config": dataclasses.asdict(ucfg), "ae_config": ae_config,
                         "ae_state": ae.state_dict()})
+
+
+def latents_and_condition(ae, batch):
+    """A training batch -> its latents x0 (B, T, c, h, w) and SVD's conditioning from its first frames,
+    with SVD's noise augmentation of the conditioning frame, cond_aug ~ LogNormal(-3, 0.5) (AnimateLCM).
+    Every diffusion stage (teacher, 1, 2) trains on this."""
+    video = batch["video"]                                                         # (B, T, 3, H, W)
+    x0 = ae.encode_video(video).float()
+    cond_aug = (torch.randn(len(video), device=video.device) * 0.5 - 3.0).exp()
+    return x0, unet.condition(ae, video, batch["fps"], batch["motion"], cond_aug)
 
 
 def load_teacher(run):
