@@ -84,12 +84,11 @@ def setup_stage2(cfg, run):
     with fresh LoRA, a fresh discriminator."""
     import os
 
-    from data import UserError, write_video
+    from data import UserError
     from discriminator import Discriminator
-    from gan import sigma_grid
+    from gan import sigma_grid, student_stage
     from sample import cfg_scale, guided
-    from train import (EMA, Stage, ckpt_path, latents_and_condition, load_ae, load_checkpoint, load_teacher,
-                       make_student, report_student, student_videos)
+    from train import EMA, ckpt_path, latents_and_condition, load_ae, load_checkpoint, load_teacher, make_student
     ae, ae_config = load_ae(run)
     teacher, ucfg = load_teacher(run)
     teacher.eval().requires_grad_(False)
@@ -134,14 +133,5 @@ def setup_stage2(cfg, run):
                         lambda x, levels: teacher_solve(D_teacher, x, levels), nets["disc"], disc, x0, grid,
                         cfg.m, lambda loss: update(loss, "student"), update_d, cfg.lambda_adv, cfg.huber_c)
 
-    def sample(path):
-        real, fake = student_videos(target.model, ae, run, cfg, 4, 1)
-        write_video(path, torch.cat([real, fake]), fps=8, ncol=4)          # top: real; bottom: 1 step
-
-    def finish():
-        return {"diagnostics": report_student("stage 2", target.model, ae, run, cfg)}
-
-    return Stage({"student": f, "disc": disc}, {"student": opt_g, "disc": opt_d}, step, {"student": target},
-                 sample, finish, cosine=False,
-                 extra={"unet_config": ucfg, "ae_config": ae_config, "ae_state": ae.state_dict(), "lora": lora,
-                        "sigma_min": cfg.sigma_min, "init": "teacher" if s1 is None else os.path.basename(path)})
+    return student_stage("stage 2", f, disc, {"student": opt_g, "disc": opt_d}, step, target, ae, ae_config, ucfg,
+                         run, cfg, lora=lora, init="teacher" if s1 is None else os.path.basename(path))

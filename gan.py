@@ -79,15 +79,56 @@ def lgp_step(f, D, D_plain, x0, cond, grid, update_g, update_d, lambda_adv=0.1, 
 
 
 # ----------------------------------------------------------------------------------------------
-# The stage, for train.py's loop
+# What both student stages hand train.py's loop (used by distill.py too), and the Stage 1 setup
+
+def student_videos(f, ae, run, cfg, n, steps):
+    """n held-out clips and a student's videos from their first frames (consistency sampler, no CFG)."""
+    from sample import generate
+    from unet import condition
+    b = run.eval_batch(n)
+    cond = condition(ae, b["video"], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
+    z, _ = generate(f, cond, cfg.num_frames, steps, 1.0, "consistency", cfg.sigma_min, cfg.sigma_max,
+                    seed=cfg.seed, grid_size=cfg.grid_size)
+    return b["video"], ae.decode_video(z).clamp(-1, 1)
+
+
+def student_stage(name, f, disc, opts, step, target, ae, ae_config, ucfg, run, cfg, **extra):
+    """The Stage that Stages 1 and 2 hand the loop: student and discriminator, their optimisers, the
+    EMA (`target`) that samples, 1-step sample videos, the end-of-stage measurement, what loading needs."""
+    from data import write_video
+    from train import Stage
+
+    def sample(path):
+        real, fake = student_videos(target.model, ae, run, cfg, 4, 1)
+        write_video(path, torch.cat([real, fake]), fps=8, ncol=4)          # top: real; bottom: 1 step
+
+    def finish():
+        return {"diagnostics": report_student(name, target.model, ae, run, cfg)}
+
+    return Stage({"student": f, "disc": disc}, opts, step, {"student": target}, sample, finish, cosine=False,
+                 extra={"unet_config": ucfg, "ae_config": ae_config, "ae_state": ae.state_dict(),
+                        "sigma_min": cfg.sigma_min, **extra})
+
+
+def report_student(name, f, ae, run, cfg, steps=1):
+    """The end-of-stage printout: a student's 1-step diagnostics on up to 64 held-out first frames."""
+    from evaluate import diagnostics
+    n = min(64, cfg.eval_clips)
+    real, fake = student_videos(f, ae, run, cfg, n, steps)
+    d = diagnostics(fake, real, real[:, 0])
+    if run.master:
+        print(f"{name}, {steps} step (NFE {steps}) on {n} {run.eval_name}: first-frame PSNR "
+              f"{d['first_frame_psnr']:.2f} dB, static-video rate {d['static_rate']:.3f}, motion relative to "
+              f"real {d['motion_ratio']:.3f}")
+    return d
+
+
 
 def setup_stage1(cfg, run):
     """`python train.py --stage 1`: networks, optimisers and the step for train.py's shared loop. The
     student and its EMA start from the teacher's EMA weights; the discriminator from scratch."""
     from discriminator import Discriminator
-    from train import (EMA, Stage, latents_and_condition, load_ae, load_teacher, make_student, report_student,
-                       student_videos)
-    from data import write_video
+    from train import EMA, latents_and_condition, load_ae, load_teacher, make_student
     ae, ae_config = load_ae(run)
     teacher, ucfg = load_teacher(run)
     torch.manual_seed(cfg.seed)
@@ -108,14 +149,5 @@ def setup_stage1(cfg, run):
         return lgp_step(nets["student"], nets["disc"], disc, x0, cond, grid, lambda loss: update(loss, "student"),
                         update_d, cfg.lambda_adv, cfg.huber_c)
 
-    def sample(path):
-        real, fake = student_videos(ema.model, ae, run, cfg, 4, 1)
-        write_video(path, torch.cat([real, fake]), fps=8, ncol=4)          # top: real; bottom: 1 step
-
-    def finish():
-        return {"diagnostics": report_student("stage 1", ema.model, ae, run, cfg)}
-
-    return Stage({"student": f, "disc": disc}, {"student": opt_g, "disc": opt_d}, step, {"student": ema},
-                 sample, finish, cosine=False,
-                 extra={"unet_config": ucfg, "ae_config": ae_config, "ae_state": ae.state_dict(),
-                        "lora": {"rank": cfg.lora_rank, "convs": cfg.lora_convs}, "sigma_min": cfg.sigma_min})
+    return student_stage("stage 1", f, disc, {"student": opt_g, "disc": opt_d}, step, ema, ae, ae_config, ucfg, run,
+                         cfg, lora={"rank": cfg.lora_rank, "convs": cfg.lora_convs})

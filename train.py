@@ -319,26 +319,6 @@ def make_student(teacher, sigma_min, rank, convs):
     return f, unet.add_lora(f, rank, convs=convs)
 
 
-def student_videos(f, ae, run, cfg, n, steps):
-    """n held-out clips and a student's videos from their first frames (consistency sampler, no CFG)."""
-    b = run.eval_batch(n)
-    cond = unet.condition(ae, b["video"], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
-    z, _ = generate(f, cond, cfg.num_frames, steps, 1.0, "consistency", cfg.sigma_min, cfg.sigma_max,
-                    seed=cfg.seed, grid_size=cfg.grid_size)
-    return b["video"], ae.decode_video(z).clamp(-1, 1)
-
-
-def report_student(name, f, ae, run, cfg, steps=1):
-    n = min(64, cfg.eval_clips)
-    real, fake = student_videos(f, ae, run, cfg, n, steps)
-    d = diagnostics(fake, real, real[:, 0])
-    if run.master:
-        print(f"{name}, {steps} step (NFE {steps}) on {n} {run.eval_name}: first-frame PSNR "
-              f"{d['first_frame_psnr']:.2f} dB, static-video rate {d['static_rate']:.3f}, motion relative to "
-              f"real {d['motion_ratio']:.3f}")
-    return d
-
-
 def setup_stage1(cfg, run):
     from gan import setup_stage1
     return setup_stage1(cfg, run)
