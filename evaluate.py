@@ -351,7 +351,8 @@ def sampler_rows(run_dir):
 @torch.no_grad()
 def run_row(D, ae, cfg, real, steps, guidance, sampler="heun", batch_size=50, seed=0):
     """Generate videos from the first frames of `real` (video, fps, motion); return them, the
-    milliseconds per video (sampling and decoding, after a warm-up batch) and the NFE per video."""
+    milliseconds per video (sampling and decoding, after a one-step warm-up batch of the same shapes)
+    and the NFE per video."""
     from sample import cfg_scale, generate
     from unet import condition
     T = cfg["num_frames"]
@@ -366,8 +367,8 @@ def run_row(D, ae, cfg, real, steps, guidance, sampler="heun", batch_size=50, se
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        z, nfe = generate(D, cond, T, steps, scale, sampler, cfg["sigma_min"], cfg["sigma_max"], seed + max(i, 0),
-                          cfg.get("grid_size", 100))
+        z, nfe = generate(D, cond, T, steps if i >= 0 else 1, scale, sampler, cfg["sigma_min"], cfg["sigma_max"],
+                          seed + max(i, 0), cfg.get("grid_size", 100))          # warm-up: one step suffices
         video = ae.decode_video(z).clamp(-1, 1)
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -399,7 +400,7 @@ def write_report(run_dir, num=500, device="cpu", feature_steps=1500, max_steps=0
     b = SyntheticVideos(S, T, "test").batch(range(num))
     real = {k: b[k].to(device) for k in ("video", "fps", "motion")}
     f_real = extract(features, real["video"])
-    done, tables, grid = {}, {1: [], 2: []}, {}
+    done, tables, grid, values = {}, {1: [], 2: []}, {}, {}
     for table, label, ck, steps, guidance, sampler in tqdm(rows, desc="report", dynamic_ncols=True):
         key = (ck, steps, guidance, sampler)
         if key not in done:
@@ -407,6 +408,7 @@ def write_report(run_dir, num=500, device="cpu", feature_steps=1500, max_steps=0
             fake, ms, nfe = run_row(D, ae, cfg, real, steps, guidance, sampler)
             fd, lo, hi = fd_interval(f_real, extract(features, fake))
             d = diagnostics(fake, real["video"].cpu(), real["video"][:, 0].cpu())
+            values[key] = (fd, ms, nfe)
             done[key] = (f"{steps} | {nfe} | {fd:.2f} [{lo:.2f}, {hi:.2f}] | {d['first_frame_psnr']:.2f} | "
                          f"{d['static_rate']:.3f} | {d['motion_ratio']:.2f} | {ms:.1f} |")
             if (ck, steps, sampler) in (("teacher.pt", 25, "euler"), ("teacher.pt", 1, "euler"), ("stage2.pt", 1, "tts")):
@@ -422,6 +424,14 @@ def write_report(run_dir, num=500, device="cpu", feature_steps=1500, max_steps=0
     if tables[2]:
         lines += ["", "## Table 2: ablations (1 step + TTS unless noted)", "", HEADER[0].format("ablation"),
                   HEADER[1], *tables[2]]
+    teacher = values.get(("teacher.pt", 25, "ramp", "euler"))
+    if teacher:                                         # the headline: each student against the teacher's 25 steps
+        lines += ["", "## Against the teacher's 25 steps (Euler + CFG, 50 NFE)", "",
+                  "| model | steps | NFE | FVD-syn / teacher's | speed-up (ms / video) |", "|---|---|---|---|---|"]
+        for table, label, ck, steps, guidance, sampler in rows:
+            fd, ms, nfe = values[(ck, steps, guidance, sampler)]
+            if ck != "teacher.pt" and table == 1:
+                lines.append(f"| {label} | {steps} | {nfe} | {fd / teacher[0]:.2f}x | {teacher[1] / ms:.1f}x |")
     cols = [real["video"][:4, :1].expand(-1, T, -1, -1, -1).cpu()] + list(grid.values())
     write_video(os.path.join(run_dir, "report_grid.gif"), torch.stack(cols, 1).flatten(0, 1), fps=8, ncol=len(cols))
     names = {("teacher.pt", 25): "teacher 25 steps", ("teacher.pt", 1): "teacher 1 step", ("stage2.pt", 1): "OSV 1 step + TTS"}

@@ -96,6 +96,8 @@ def test_stage_all_end_to_end_and_kept(tmp_path, capsys):
     for row in ("| teacher, Euler + CFG | 25 | 50 |", "| Stage 1 only (LGP) | 1 | 1 |", "| OSV | 1 | 1 |",
                 "| OSV + TTS | 1 | 2 |", "| OSV | 4 | 4 |", "| CFG 3.0 at inference (1 step, no TTS) | 1 | 2 |"):
         assert row in report, row
+    ratios = report.split("## Against the teacher's 25 steps")[1]
+    assert "| OSV + TTS | 1 | 2 |" in ratios and "teacher, Euler" not in ratios
     assert train.main(args) == 0
     printed = capsys.readouterr().out
     assert printed.count("kept the finished") == 4 and "Table 2: ablations" in printed
