@@ -364,6 +364,8 @@ class LoRA(nn.Module):
             self.B = type(base)(rank, base.out_channels, 1, bias=False)
         nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.B.weight)
+        self.A.to(base.weight.device, base.weight.dtype)      # adapting a network already on the GPU
+        self.B.to(base.weight.device, base.weight.dtype)
 
     def delta(self):
         """(alpha / r) B A as a change of the base weight: (out, r) @ (r, in * kernel) -> base's shape."""

@@ -140,6 +140,15 @@ def test_lora_starts_equal_and_merges_exactly(convs):
         assert torch.allclose(loras[0].base.weight, w0, atol=1e-6)
 
 
+def test_lora_adapters_follow_the_base_device_and_dtype():
+    # a network already moved (to the GPU, to bf16) gets adapters of the same device and dtype; "meta"
+    # stands in for the GPU here (the bug this catches: adapters left on the CPU broke every CUDA run)
+    for base in (nn.Linear(6, 5, device="meta"), nn.Conv2d(3, 4, 3, device="meta", dtype=torch.bfloat16)):
+        m = unet.LoRA(base, rank=2, alpha=2)
+        assert {p.device.type for p in m.parameters()} == {"meta"}
+        assert {p.dtype for p in m.parameters()} == {base.weight.dtype}
+
+
 def test_lora_rank_zero_is_full_fine_tuning():
     f = micro_denoiser()
     params = unet.add_lora(f, rank=0)
