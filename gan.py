@@ -54,13 +54,16 @@ def split(logits):
     return [x.chunk(2)[0] for x in logits], [x.chunk(2)[1] for x in logits]
 
 
-def lgp_step(f, D, D_plain, x0, cond, grid, update_g, update_d, lambda_adv=0.1, c=0.001):
+def lgp_step(f, D, D_plain, x0, cond, grid, update_g, update_d, lambda_adv=0.1, c=0.001, top_share=0.0):
     """One Stage 1 step on real latents x0 (B, T, c, h, w). f: the student (maybe DDP-wrapped); D the
     discriminator used for its own update (maybe DDP-wrapped), D_plain the same module unwrapped, used
     inside the generator's loss (its gradients there reach D's parameters; update_d clears them first).
-    update_g(loss) / update_d(loss) backpropagate and step one optimiser."""
+    update_g(loss) / update_d(loss) backpropagate and step one optimiser. Each sample's level t_n is
+    the grid's top level with probability top_share (where one-step sampling starts), else uniform."""
     B = len(x0)
     n = torch.randint(len(grid), (B,), device=x0.device)                            # t_n, uniform on the grid
+    top = torch.rand(B, device=x0.device) < top_share                              # ... or the top level t_N
+    n = torch.where(top, len(grid) - 1, n)
     sigma = grid.to(x0.device)[n]
     x_t = x0 + sigma.view(B, 1, 1, 1, 1) * torch.randn_like(x0)
     fake = f(x_t, sigma, cond)                                                       # f_theta(x_tn, t_n)
@@ -147,7 +150,7 @@ def setup_stage1(cfg, run):
             opt_d.zero_grad(set_to_none=True)      # drop what the generator's loss left in D's gradients
             update(loss, "disc")
         return lgp_step(nets["student"], nets["disc"], disc, x0, cond, grid, lambda loss: update(loss, "student"),
-                        update_d, cfg.lambda_adv, cfg.huber_c)
+                        update_d, cfg.lambda_adv, cfg.huber_c, cfg.stage1_top)
 
     return student_stage("stage 1", f, disc, {"student": opt_g, "disc": opt_d}, step, ema, ae, ae_config, ucfg, run,
                          cfg, lora={"rank": cfg.lora_rank, "convs": cfg.lora_convs})

@@ -217,6 +217,24 @@ def test_lgp_step_updates_generator_and_discriminator():
     assert not any(c for c, p in zip(changed, D.parameters()) if id(p) in frozen)
 
 
+@pytest.mark.parametrize("top_share", [0.0, 1.0])
+def test_lgp_step_draws_levels_from_the_grid_with_a_top_share(top_share):
+    grid, seen = sigma_grid(), []
+
+    def f(x, sigma, cond):                        # records the levels it is asked for; output keeps a graph
+        seen.append(sigma)
+        return x * torch.ones((), requires_grad=True)
+    D = lambda x: [x.mean((1, 2, 3, 4))]          # noqa: E731
+    torch.manual_seed(0)
+    lgp_step(f, D, D, torch.randn(64, 2, 1, 2, 2), None, grid, lambda loss: None, lambda loss: None,
+             top_share=top_share)
+    levels = seen[0]
+    assert all(bool((grid == s).any()) for s in levels)                          # every level is a grid point
+    assert bool((levels == grid[-1]).all()) == (top_share == 1.0)
+    if top_share == 0.0:
+        assert len(levels.unique()) > 20                                         # uniform: many levels
+
+
 def test_consistency_sampler_counts_calls():
     f, _ = train.make_student(micro_denoiser(), 0.002, 4, True)
     cond = cond_for(2)
