@@ -364,7 +364,9 @@ class LoRA(nn.Module):
             self.B = type(base)(rank, base.out_channels, 1, bias=False)
         nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.B.weight)
-        self.A.to(base.weight.device, base.weight.dtype)      # adapting a network already on the GPU
+        # initialised on the CPU (the same values on every device), then moved to where the base lives:
+        # a network already on the GPU or in bf16 gets adapters of the same device and dtype
+        self.A.to(base.weight.device, base.weight.dtype)
         self.B.to(base.weight.device, base.weight.dtype)
 
     def delta(self):
