@@ -224,8 +224,21 @@ def disc_train_step(D, real, fake):
     return loss
 
 
+def gpu_kernel_time(fn, n=10):
+    """Seconds of GPU kernel time per call of fn, summed by torch.profiler's CUDA activity: what a step
+    costs the GPU itself, without the gaps while the CPU launches kernels, which dominate small steps
+    (the tiny discriminator step launches about 1,200 kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / n / 1e6     # microseconds -> s
+
+
 def bench(preset="tiny", backbone="ae", batch=4, reps=5, device="cpu", seed=0):
-    """Time per discriminator step and peak memory, latent vs decoded input, same batch, same run."""
+    """Time per discriminator step and peak memory, latent vs decoded input, same batch, same run; on
+    CUDA also the GPU kernel time per step (None on the CPU). {input: (s, bytes, kernel s or None)}."""
     from autoencoder import AEConfig, AutoEncoder
     from train import PRESETS, Config
     cfg = Config(**PRESETS[preset])
@@ -252,7 +265,12 @@ def bench(preset="tiny", backbone="ae", batch=4, reps=5, device="cpu", seed=0):
             times.append(time.perf_counter() - t0)
             D.zero_grad(set_to_none=True)
         mem = torch.cuda.max_memory_allocated() - base if device == "cuda" else saved.bytes
-        out[inp] = (sorted(times[1:])[len(times[1:]) // 2], mem)                        # median time
+
+        def step():
+            disc_train_step(D, real, fake0.clone().requires_grad_(True))
+            D.zero_grad(set_to_none=True)
+        kernel = gpu_kernel_time(step) if device == "cuda" else None
+        out[inp] = (sorted(times[1:])[len(times[1:]) // 2], mem, kernel)                # median time
     return out
 
 
@@ -268,7 +286,9 @@ if __name__ == "__main__":
     res = bench(a.preset, a.backbone, a.batch, a.reps, a.device)
     what = "peak CUDA memory above the inputs" if a.device == "cuda" else "activations saved for backward"
     print(f"discriminator step, preset {a.preset}, backbone {a.backbone}, batch {a.batch}, {a.device}:")
-    for k, (t, m) in res.items():
-        print(f"  {k:8s} input: {t * 1000:8.1f} ms per step, {m / 2 ** 20:8.1f} MiB {what}")
-    (tl, ml), (td, md) = res["latent"], res["decoded"]
-    print(f"latent / decoded: time {tl / td:.2f}, memory {ml / md:.2f} (OSV: 2.61 / 4.29 s = 0.61, 35.8 / 73.5 GB = 0.49)")
+    for k, (t, m, g) in res.items():
+        gpu = f", GPU kernel time {g * 1000:.1f} ms" if g is not None else ""
+        print(f"  {k:8s} input: {t * 1000:8.1f} ms per step{gpu}, {m / 2 ** 20:8.1f} MiB {what}")
+    (tl, ml, gl), (td, md, gd) = res["latent"], res["decoded"]
+    gpu = f", GPU kernel time {gl / gd:.2f}" if gl is not None else ""
+    print(f"latent / decoded: time {tl / td:.2f}{gpu}, memory {ml / md:.2f} (OSV: 2.61 / 4.29 s = 0.61, 35.8 / 73.5 GB = 0.49)")

@@ -79,7 +79,8 @@ def acd_step(f, f_target, solve, D, D_plain, x0, grid, m, update_g, update_d, la
 def setup_stage2(cfg, run):
     """`python train.py --stage 2`: student and target from Stage 1's EMA student (LoRA unmerged and
     trainable, plus the temporal blend scalars alpha of every video block, the "specific layers" we
-    unfreeze: they set how much each block mixes time, and cost nothing), the discriminator from Stage 1,
+    unfreeze: they set how much each block mixes time, and cost nothing; unfreezing the noise embeddings
+    or every temporal layer as well scored worse, README "Stage 2"), the discriminator from Stage 1,
     the frozen teacher. With --from-teacher (the ablation "no Stage 1"): the student from the teacher
     with fresh LoRA, a fresh discriminator."""
     import os

@@ -270,4 +270,12 @@ def test_stage1_smoke_run(tiny_run, tmp_path, extra, capsys):
 
 def test_bench_runs():
     res = dm.bench("tiny", "ae", batch=1, reps=1)
-    assert set(res) == {"latent", "decoded"} and all(t > 0 and m > 0 for t, m in res.values())
+    assert set(res) == {"latent", "decoded"} and all(t > 0 and m > 0 and g is None for t, m, g in res.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_cuda_kernel_time():
+    res = dm.bench("tiny", "ae", batch=2, reps=2, device="cuda")
+    for t, m, g in res.values():
+        assert 0 < g < t and m > 0            # the GPU's busy time is part of the step's wall time
+    assert res["latent"][2] < res["decoded"][2]     # decoding is real GPU work
