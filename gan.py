@@ -9,7 +9,9 @@ t_n of the 100-point grid straight to a clean latent. Its loss pulls that toward
     L_d1 = ReLU(1 - D(x_0)) + ReLU(1 + D(f_theta(x_tn, t_n)))
 
 The generator's adversarial term is OSV's clipped hinge ReLU(1 - D(fake)), not the usual -D(fake): once
-D scores a fake above 1 it stops pushing. Read first: `lgp_step`, then the three losses above it.
+D scores a fake above 1 it stops pushing. One departure (measured, README "Stage 1"): only fakes from
+levels t_n >= adv_min_sigma (1 by default; 0 is the paper's form) enter the adversarial terms, G's and
+D's fake side, since below it f reconstructs its input rather than generating. Read first: `lgp_step`, then the three losses above it.
 """
 import torch
 import torch.nn.functional as F
@@ -49,17 +51,24 @@ def accuracy(logits, real):
     return ((flat > 0) if real else (flat < 0)).float().mean()
 
 
-def split(logits):
-    """Logits of D(cat([a, b])) -> (logits of a, logits of b): every head keeps the batch outermost."""
-    return [x.chunk(2)[0] for x in logits], [x.chunk(2)[1] for x in logits]
+def split(logits, n_a=None, n=None):
+    """Logits of D(cat([a, b])) for n clips -> (logits of a, logits of b), a the first n_a clips (default:
+    half). Every head keeps the batch outermost, with the same number of rows for every clip."""
+    if n_a is None:
+        return [x.chunk(2)[0] for x in logits], [x.chunk(2)[1] for x in logits]
+    return [x[:n_a * len(x) // n] for x in logits], [x[n_a * len(x) // n:] for x in logits]
 
 
-def lgp_step(f, D, D_plain, x0, cond, grid, update_g, update_d, lambda_adv=0.1, c=0.001, top_share=0.0):
+def lgp_step(f, D, D_plain, x0, cond, grid, update_g, update_d, lambda_adv=0.1, c=0.001, top_share=0.0,
+             adv_min_sigma=0.0):
     """One Stage 1 step on real latents x0 (B, T, c, h, w). f: the student (maybe DDP-wrapped); D the
     discriminator used for its own update (maybe DDP-wrapped), D_plain the same module unwrapped, used
     inside the generator's loss (its gradients there reach D's parameters; update_d clears them first).
     update_g(loss) / update_d(loss) backpropagate and step one optimiser. Each sample's level t_n is
-    the grid's top level with probability top_share (where one-step sampling starts), else uniform."""
+    the grid's top level with probability top_share (where one-step sampling starts), else uniform.
+    Only fakes from levels >= adv_min_sigma meet the discriminator (README, "Stage 1"): below sigma_data
+    = 1 the noisy input already shows the clip, so f's output is a reconstruction of the real latent, and
+    asking D to call it fake and the real one real contradicts itself."""
     B = len(x0)
     n = torch.randint(len(grid), (B,), device=x0.device)                            # t_n, uniform on the grid
     top = torch.rand(B, device=x0.device) < top_share                              # ... or the top level t_N
@@ -67,14 +76,16 @@ def lgp_step(f, D, D_plain, x0, cond, grid, update_g, update_d, lambda_adv=0.1, 
     sigma = grid.to(x0.device)[n]
     x_t = x0 + sigma.view(B, 1, 1, 1, 1) * torch.randn_like(x0)
     fake = f(x_t, sigma, cond)                                                       # f_theta(x_tn, t_n)
+    # the fakes D judges: those generated from a level >= adv_min_sigma (at least the batch's highest)
+    gen = sigma >= torch.clamp(sigma.max(), max=adv_min_sigma)
 
     # generator: L_g1 = d(x_0, f) + 0.1 * ReLU(1 - D(f))
     rec = pseudo_huber(fake, x0, c).mean()
-    adv = hinge_g(D_plain(fake))
+    adv = hinge_g(D_plain(fake[gen]))
     update_g(rec + lambda_adv * adv)
 
-    # discriminator: L_d1, the real latent as "real"; one pass over both halves (one DDP forward)
-    real_logits, fake_logits = split(D(torch.cat([x0, fake.detach()])))
+    # discriminator: L_d1, every real latent as "real"; one pass over both (one DDP forward)
+    real_logits, fake_logits = split(D(torch.cat([x0, fake.detach()[gen]])), B, B + int(gen.sum()))
     loss_d = hinge_d(real_logits, fake_logits)
     update_d(loss_d)
     return {"loss": rec + lambda_adv * adv, "rec": rec, "adv_g": adv, "loss_d": loss_d,
@@ -150,7 +161,7 @@ def setup_stage1(cfg, run):
             opt_d.zero_grad(set_to_none=True)      # drop what the generator's loss left in D's gradients
             update(loss, "disc")
         return lgp_step(nets["student"], nets["disc"], disc, x0, cond, grid, lambda loss: update(loss, "student"),
-                        update_d, cfg.lambda_adv, cfg.huber_c, cfg.stage1_top)
+                        update_d, cfg.lambda_adv, cfg.huber_c, cfg.stage1_top, cfg.adv_min_sigma)
 
     return student_stage("stage 1", f, disc, {"student": opt_g, "disc": opt_d}, step, ema, ae, ae_config, ucfg, run,
                          cfg, lora={"rank": cfg.lora_rank, "convs": cfg.lora_convs})

@@ -14,7 +14,7 @@ import unet
 from autoencoder import AEConfig, AutoEncoder
 from conftest import FAST, MICRO
 from data import UserError
-from gan import accuracy, hinge_d, hinge_g, lgp_step, pseudo_huber, sigma_grid
+from gan import accuracy, hinge_d, hinge_g, lgp_step, pseudo_huber, sigma_grid, split
 from sample import generate
 
 AE = AEConfig(channels=(16, 32, 64))          # the tiny preset's autoencoder: 1/4 resolution
@@ -233,6 +233,43 @@ def test_lgp_step_draws_levels_from_the_grid_with_a_top_share(top_share):
     assert bool((levels == grid[-1]).all()) == (top_share == 1.0)
     if top_share == 0.0:
         assert len(levels.unique()) > 20                                         # uniform: many levels
+
+
+@pytest.mark.parametrize("adv_min_sigma", [0.0, 1.0, 100.0])
+def test_lgp_step_shows_the_discriminator_only_generated_fakes(adv_min_sigma):
+    """Every real latent meets D; a fake only if its level is >= adv_min_sigma (at least the batch's
+    highest, so D always sees one); the generator's adversarial term judges the same fakes."""
+    grid, levels, d_inputs = sigma_grid(), [], []
+
+    def f(x, sigma, cond):                        # tags each output with its level, keeps a graph
+        levels.append(sigma)
+        return sigma.view(-1, 1, 1, 1, 1).expand_as(x) * torch.ones((), requires_grad=True)
+
+    def D(x):                                     # two heads with different rows per clip (as ours)
+        d_inputs.append(x.detach())
+        return [x.mean((2, 3, 4)).flatten(), x.mean((1, 2, 3, 4))]
+    x0 = torch.full((32, 2, 1, 2, 2), -1.0)       # reals are -1, fakes their level
+    torch.manual_seed(0)
+    lgp_step(f, D, D, x0, None, grid, lambda loss: None, lambda loss: None, adv_min_sigma=adv_min_sigma)
+    sigma = levels[0]
+    keep = sigma >= min(adv_min_sigma, float(sigma.max()))
+    g_seen, d_seen = d_inputs[0][:, 0, 0, 0, 0], d_inputs[1][:, 0, 0, 0, 0]
+    assert torch.equal(g_seen, sigma[keep])                                    # the generator's term
+    assert torch.equal(d_seen[:32], x0[:, 0, 0, 0, 0])                         # every real ...
+    assert torch.equal(d_seen[32:], sigma[keep])                               # ... and the kept fakes
+    if adv_min_sigma == 0.0:                                                   # the paper's form: every fake
+        assert bool(keep.all())
+    elif adv_min_sigma == 1.0:                                                 # some, all from levels >= 1
+        assert 0 < int(keep.sum()) < 32 and bool((sigma[keep] >= 1.0).all())
+    else:                                                                      # above the grid: the highest
+        assert bool((sigma[keep] == sigma.max()).all()) and int(keep.sum()) >= 1
+
+
+def test_split_unequal_parts_of_every_head():
+    logits = [torch.arange(10.0), torch.arange(5.0)]                          # 2 rows per clip, then 1
+    a, b = split(logits, 3, 5)
+    assert [x.tolist() for x in a] == [[0, 1, 2, 3, 4, 5], [0, 1, 2]]
+    assert [x.tolist() for x in b] == [[6, 7, 8, 9], [3, 4]]
 
 
 def test_consistency_sampler_counts_calls():
