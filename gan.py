@@ -11,7 +11,8 @@ t_n of the 100-point grid straight to a clean latent. Its loss pulls that toward
 The generator's adversarial term is OSV's clipped hinge ReLU(1 - D(fake)), not the usual -D(fake): once
 D scores a fake above 1 it stops pushing. One departure (measured, README "Stage 1"): only fakes from
 levels t_n >= adv_min_sigma (1 by default; 0 is the paper's form) enter the adversarial terms, G's and
-D's fake side, since below it f reconstructs its input rather than generating. Read first: `lgp_step`, then the three losses above it.
+D's fake side: below it f reconstructs its input rather than generating. Read first: `lgp_step`, then
+the three losses above it.
 """
 import torch
 import torch.nn.functional as F

@@ -89,8 +89,8 @@ class Config:
     # batch at the top level, where one-step sampling starts, half uniform. Measured (tiny, 400 steps,
     # 200 held-out clips, FVD-syn at 1 step / 1 step + TTS): uniform 50.7 / 30.5, half at the top 42.6 / 26.9
     stage1_top: float = 0.5
-    # Ours: only fakes from levels >= this meet D (both terms of the GAN). Below sigma_data = 1 the output is a
-    # reconstruction, and D would be asked to call it fake and its real latent real. Measured like stage1_top,
+    # Ours: only fakes from levels >= this meet D (G's adversarial term, D's fake side). Below sigma_data = 1 f's
+    # output is a reconstruction: D would be asked to call it fake and its real latent real. Measured as stage1_top,
     # 1 step, seeds 0 / 1: 0 (the paper's form: every fake) 42.6 / 44.6; 1.0: 38.2 / 42.1; top only 37.5 / 41.2
     adv_min_sigma: float = 1.0
     lambda_adv: float = 0.1         # OSV: the adversarial weight in both stages
