@@ -52,11 +52,9 @@ def accuracy(logits, real):
     return ((flat > 0) if real else (flat < 0)).float().mean()
 
 
-def split(logits, n_a=None, n=None):
+def split(logits, n_a=1, n=2):
     """Logits of D(cat([a, b])) for n clips -> (logits of a, logits of b), a the first n_a clips (default:
     half). Every head keeps the batch outermost, with the same number of rows for every clip."""
-    if n_a is None:
-        return [x.chunk(2)[0] for x in logits], [x.chunk(2)[1] for x in logits]
     return [x[:n_a * len(x) // n] for x in logits], [x[n_a * len(x) // n:] for x in logits]
 
 
