@@ -11,7 +11,7 @@ student's one jump f_theta(x_{t_{n+m}}, t_{n+m}) must equal:
 
 The discriminator's "real" side is the target's prediction, not data: the adversarial loss can reach
 zero exactly when the student is consistent, so it does not fight the distillation (the paper's
-argument). Read first: `acd_pair` (Eq. 8 and the two predictions), then `acd_step`.
+argument). Read first: `acd_pair` (Eq. 8 and the two predictions), then `jump_levels` and `acd_step`.
 
 Choices the paper leaves open, made here (README, "Stage 2"):
 - Phi is the PF-ODE direction (x - D(x; t)) / t of the teacher's denoiser (EDM Eq. 4): Euler steps.
@@ -20,10 +20,14 @@ Choices the paper leaves open, made here (README, "Stage 2"):
 - lambda(t_n) = 1 (uniform, as the consistency-distillation launch scripts of Song et al. 2023);
   see `distill_weight` for why not iCT's 1 / (t_{n+m} - t_n) on this grid.
 - the target's EMA decay mu = 0.95 (Song et al. 2023's fixed target EMA), updated after every step.
+- where the jumps start (`jump_levels`): half of each batch from the top level, a quarter from sigma = 1
+  straight to the teacher's solution (Eq. 8 with n = 1, the m steps spread over the whole way down), the
+  rest uniform on the grid. A departure from Eq. (8) as written, measured (README, "Stage 2").
 """
 import torch
 
 from gan import accuracy, hinge_d, hinge_g, pseudo_huber, split
+from sample import karras_sigmas
 
 
 def teacher_solve(D, x, levels):
@@ -45,25 +49,45 @@ def distill_weight(t_n, t_nm):
     return torch.ones_like(t_n)
 
 
-def acd_pair(f, f_target, solve, x0, eps, grid, n, m):
-    """The student's prediction at t_{n+m} and the target's at t_n (no gradient). f, f_target, solve
-    take (x, sigma (B,)) with the conditioning bound; n (B,) indexes the ascending grid."""
-    t_nm, t_n = grid[n + m], grid[n]
+def jump_levels(grid, m, B, top_share=0.0, direct_share=0.0, direct_sigma=1.0):
+    """Each sample's levels for the teacher's walk, (m + 1, B), from where the student jumps (t_{n+m})
+    down to where the target predicts (t_n). The paper draws n "from the grid" and says no more. Ours,
+    three kinds of jump, measured (README, "Stage 2"):
+      - round(top_share B) samples from the top level t_N, where one-step sampling starts (as Stage 1);
+      - round(direct_share B) from direct_sigma all the way down: the m Euler steps spread over the
+        teacher's own Karras levels from direct_sigma to sigma_min = t_1, where the target network is
+        exact by the boundary condition (f(x, sigma_min) = x), so the target is the teacher's solution
+        itself, free of the target network's error; a few Euler steps from sigma ~ 1 already match the
+        teacher's long solve. Eq. (8) with n = 1 and the m steps spread over the whole way down;
+      - the rest: t_{n+m} uniform on the grid and m grid steps down (OSV Eq. 8 as written)."""
+    n = torch.randint(len(grid) - m, (B,), device=grid.device)                        # n + m <= N - 1
+    k_top, k_direct = round(top_share * B), round(direct_share * B)
+    n[:k_top] = len(grid) - 1 - m                                                      # t_{n+m} = t_N
+    levels = torch.stack([grid[n + m - j] for j in range(m + 1)])                     # (m + 1, B)
+    down = karras_sigmas(m + 1, float(grid[0]), direct_sigma, rho=7.0)[:-1]          # direct_sigma ... sigma_min
+    levels[:, k_top:k_top + k_direct] = down.to(levels).view(-1, 1)
+    return levels
+
+
+def acd_pair(f, f_target, solve, x0, eps, levels):
+    """The student's prediction at t_{n+m} = levels[0] and the target's at t_n = levels[-1] (no
+    gradient). f, f_target, solve take (x, sigma (B,)) with the conditioning bound; levels (m + 1, B)."""
+    t_nm, t_n = levels[0], levels[-1]
     x = x0 + t_nm.view(-1, 1, 1, 1, 1) * eps                                          # x_{t_{n+m}}
     with torch.no_grad():
-        levels = torch.stack([grid[n + m - j] for j in range(m + 1)])                 # (m + 1, B)
         x_hat = solve(x, levels)                                                       # x^_{t_n}, Eq. (8)
         target = f_target(x_hat, t_n).float()                                          # f_theta-(x^_{t_n}, t_n)
     return f(x, t_nm), target
 
 
-def acd_step(f, f_target, solve, D, D_plain, x0, grid, m, update_g, update_d, lambda_adv=0.1, c=0.001):
+def acd_step(f, f_target, solve, D, D_plain, x0, grid, m, update_g, update_d, lambda_adv=0.1, c=0.001,
+             top_share=0.0, direct_share=0.0, direct_sigma=1.0):
     """One Stage 2 step. f is the student (maybe DDP-wrapped), f_target the EMA target, solve the
-    teacher's m-step solve, D / D_plain the discriminator wrapped / unwrapped (see gan.lgp_step)."""
-    B = len(x0)
-    n = torch.randint(len(grid) - m, (B,), device=x0.device)                          # n + m <= N - 1
-    student, target = acd_pair(f, f_target, solve, x0, torch.randn_like(x0), grid, n, m)
-    dist = (distill_weight(grid[n], grid[n + m]) * pseudo_huber(target, student, c)).mean()
+    teacher's m-step solve, D / D_plain the discriminator wrapped / unwrapped (see gan.lgp_step); the
+    jumps are drawn by jump_levels."""
+    levels = jump_levels(grid, m, len(x0), top_share, direct_share, direct_sigma)
+    student, target = acd_pair(f, f_target, solve, x0, torch.randn_like(x0), levels)
+    dist = (distill_weight(levels[-1], levels[0]) * pseudo_huber(target, student, c)).mean()
     adv = hinge_g(D_plain(student))
     update_g(dist + lambda_adv * adv)
     real_logits, fake_logits = split(D(torch.cat([target, student.detach()])))       # "real" = the target
@@ -117,6 +141,10 @@ def setup_stage2(cfg, run):
     grid = sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(run.device)
     if not 1 <= cfg.m < cfg.grid_size:
         raise UserError(f"--m must be between 1 and {cfg.grid_size - 1}")
+    if cfg.stage2_top < 0 or cfg.stage2_direct < 0 or cfg.stage2_top + cfg.stage2_direct > 1:
+        raise UserError("--stage2-top and --stage2-direct are shares of the batch: each >= 0, together <= 1")
+    if not cfg.sigma_min < cfg.direct_sigma <= cfg.sigma_max:
+        raise UserError(f"--direct-sigma must lie in ({cfg.sigma_min}, {cfg.sigma_max}], the grid's range")
     try:
         scale = cfg_scale(cfg.cfg_min, cfg.cfg_max, cfg.num_frames) if cfg.teacher_cfg == "ramp" \
             else float(cfg.teacher_cfg)
@@ -132,7 +160,8 @@ def setup_stage2(cfg, run):
             update(loss, "disc")
         return acd_step(lambda x, s: nets["student"](x, s, cond), lambda x, s: target.model(x, s, cond),
                         lambda x, levels: teacher_solve(D_teacher, x, levels), nets["disc"], disc, x0, grid,
-                        cfg.m, lambda loss: update(loss, "student"), update_d, cfg.lambda_adv, cfg.huber_c)
+                        cfg.m, lambda loss: update(loss, "student"), update_d, cfg.lambda_adv, cfg.huber_c,
+                        cfg.stage2_top, cfg.stage2_direct, cfg.direct_sigma)
 
     return student_stage("stage 2", f, disc, {"student": opt_g, "disc": opt_d}, step, target, ae, ae_config, ucfg,
                          run, cfg, lora=lora, init="teacher" if s1 is None else os.path.basename(path))

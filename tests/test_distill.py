@@ -9,9 +9,9 @@ import torch
 
 import train
 from conftest import FAST, MICRO
-from distill import acd_pair, teacher_solve
+from distill import acd_pair, jump_levels, teacher_solve
 from gan import pseudo_huber, sigma_grid
-from sample import consistency_sigmas, generate, sample_euler, sample_tts
+from sample import consistency_sigmas, generate, karras_sigmas, sample_euler, sample_tts
 
 S = 0.7            # Gaussian data x0 ~ N(0, S^2): every quantity below has a closed form
 SIGMA_MIN = 0.002
@@ -59,17 +59,50 @@ def test_exact_consistency_function_has_zero_loss():
     torch.manual_seed(1)
     B, m = 16, 5
     x0 = torch.randn(B, 4, 2, 3, 3, dtype=torch.float64) * S
-    eps, n = torch.randn_like(x0), torch.randint(100 - m, (B,))
-    student, target = acd_pair(f_exact, f_exact, exact_solve, x0, eps, grid, n, m)
+    eps = torch.randn_like(x0)
+    levels = jump_levels(grid, m, B, top_share=0.25, direct_share=0.25)          # every kind of jump
+    student, target = acd_pair(f_exact, f_exact, exact_solve, x0, eps, levels)
     assert pseudo_huber(target, student).max() < 1e-9
     # a perturbed consistency function is caught
     f_bad = lambda x, sigma: f_exact(x, sigma) * (1 + 0.05 * sigma.view(-1, 1, 1, 1, 1) / 80)   # noqa: E731
-    student, target = acd_pair(f_bad, f_bad, exact_solve, x0, eps, grid, n, m)
+    student, target = acd_pair(f_bad, f_bad, exact_solve, x0, eps, levels)
     assert pseudo_huber(target, student).mean() > 1e-4
     # with the teacher's Euler solve the exact f is nearly, not exactly, consistent: Euler's own error
     euler = lambda x, levels: teacher_solve(D_exact, x, levels)                                   # noqa: E731
-    student, target = acd_pair(f_exact, f_exact, euler, x0, eps, grid, n, m)
-    assert pseudo_huber(target, student).mean() < pseudo_huber(*acd_pair(f_bad, f_bad, euler, x0, eps, grid, n, m)).mean()
+    student, target = acd_pair(f_exact, f_exact, euler, x0, eps, levels)
+    assert pseudo_huber(target, student).mean() < pseudo_huber(*acd_pair(f_bad, f_bad, euler, x0, eps, levels)).mean()
+
+
+def test_jump_levels_top_direct_and_grid():
+    """Stage 2's three kinds of jump: from the top level down the grid, from direct_sigma all the way to
+    sigma_min in m steps (where the target is the teacher's solution itself), the rest m grid steps."""
+    grid = sigma_grid(100, SIGMA_MIN, 8.0).double()
+    torch.manual_seed(2)
+    B, m = 8, 5
+    levels = jump_levels(grid, m, B, top_share=0.5, direct_share=0.25, direct_sigma=1.0)
+    assert levels.shape == (m + 1, B) and torch.all(levels[1:] < levels[:-1])
+    assert torch.equal(levels[:, :4], grid[-m - 1:].flip(0).view(-1, 1).expand(-1, 4))           # 4 from the top
+    down = levels[:, 4:6]                                                                        # 2 direct jumps
+    assert torch.equal(down[:, 0], down[:, 1]) and down[0, 0] == 1.0 and abs(down[-1, 0] - grid[0]) < 1e-12
+    assert torch.allclose(down[:, 0], karras_sigmas(m + 1, SIGMA_MIN, 1.0)[:-1])
+    for b in (6, 7):                                                                             # m grid steps
+        i = int((grid == levels[0, b]).nonzero())
+        assert torch.equal(levels[:, b], grid[i - m:i + 1].flip(0))
+    # a direct jump's target is the teacher's own m Euler steps down to sigma_min (the target network is the
+    # identity there), closer to the exact flow than the teacher's single step
+    x0 = torch.randn(B, 4, 2, 3, 3, dtype=torch.float64) * S
+    eps = torch.randn_like(x0)
+    x = x0 + levels[0].view(-1, 1, 1, 1, 1) * eps
+    _, target = acd_pair(f_exact, f_exact, lambda x, lv: teacher_solve(D_exact, x, lv), x0, eps, levels)
+    for b in (4, 5):
+        manual, calls = sample_euler(D_exact, x[b:b + 1], levels[:, b])
+        assert calls == m and torch.allclose(target[b:b + 1], manual.float(), rtol=1e-5, atol=1e-6)
+    exact = flow(x, levels[0], levels[-1])[4:6].float()
+    assert (target[4:6] - exact).abs().max() < 0.5 * (D_exact(x, levels[0])[4:6] - exact).abs().max()
+    uniform = jump_levels(grid, m, B)                                                           # no shares: Eq. (8)
+    for b in range(B):
+        i = int((grid == uniform[0, b]).nonzero())
+        assert torch.equal(uniform[:, b], grid[i - m:i + 1].flip(0))
 
 
 def test_target_ema_update_math():
@@ -134,7 +167,7 @@ def test_stage2_smoke_run_and_samplers(tiny_run, tmp_path, capsys):
     assert torch.load(os.path.join(out, "stage2_nos1.pt"), weights_only=False)["init"] == "teacher"
 
 
-@pytest.mark.parametrize("bad", [["--m", "0"], ["--teacher-cfg", "strong"]])
+@pytest.mark.parametrize("bad", [["--m", "0"], ["--teacher-cfg", "strong"], ["--stage2-top", "0.8"], ["--direct-sigma", "100"]])
 def test_stage2_bad_flags(tiny_run, tmp_path, bad, capsys):
     out = str(tmp_path / "r")
     shutil.copytree(tiny_run, out)
