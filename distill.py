@@ -57,8 +57,8 @@ def jump_levels(grid, m, B, top_share=0.0, direct_share=0.0, direct_sigma=1.0):
       - round(direct_share B) from direct_sigma all the way down: the m Euler steps spread over the
         teacher's own Karras levels from direct_sigma to sigma_min = t_1, where the target network is
         exact by the boundary condition (f(x, sigma_min) = x), so the target is the teacher's solution
-        itself, free of the target network's error; a few Euler steps from sigma ~ 1 already match the
-        teacher's long solve. Eq. (8) with n = 1 and the m steps spread over the whole way down;
+        itself, free of the target network's error (Eq. 8 with n = 1); a few Euler steps from sigma ~ 1
+        already match the teacher's long solve;
       - the rest: t_{n+m} uniform on the grid and m grid steps down (OSV Eq. 8 as written)."""
     n = torch.randint(len(grid) - m, (B,), device=grid.device)                        # n + m <= N - 1
     k_top, k_direct = round(top_share * B), round(direct_share * B)

@@ -73,6 +73,12 @@ def test_exact_consistency_function_has_zero_loss():
     assert pseudo_huber(target, student).mean() < pseudo_huber(*acd_pair(f_bad, f_bad, euler, x0, eps, levels)).mean()
 
 
+def walks_the_grid(grid, col, m):
+    """True when the levels col (m + 1,) are m consecutive grid steps down: Eq. (8) as written."""
+    i = int((grid == col[0]).nonzero())
+    return torch.equal(col, grid[i - m:i + 1].flip(0))
+
+
 def test_jump_levels_top_direct_and_grid():
     """Stage 2's three kinds of jump: from the top level down the grid, from direct_sigma all the way to
     sigma_min in m steps (where the target is the teacher's solution itself), the rest m grid steps."""
@@ -85,9 +91,7 @@ def test_jump_levels_top_direct_and_grid():
     down = levels[:, 4:6]                                                                        # 2 direct jumps
     assert torch.equal(down[:, 0], down[:, 1]) and down[0, 0] == 1.0 and abs(down[-1, 0] - grid[0]) < 1e-12
     assert torch.allclose(down[:, 0], karras_sigmas(m + 1, SIGMA_MIN, 1.0)[:-1])
-    for b in (6, 7):                                                                             # m grid steps
-        i = int((grid == levels[0, b]).nonzero())
-        assert torch.equal(levels[:, b], grid[i - m:i + 1].flip(0))
+    assert all(walks_the_grid(grid, levels[:, b], m) for b in (6, 7))                           # m grid steps
     # a direct jump's target is the teacher's own m Euler steps down to sigma_min (the target network is the
     # identity there), closer to the exact flow than the teacher's single step
     x0 = torch.randn(B, 4, 2, 3, 3, dtype=torch.float64) * S
@@ -100,9 +104,7 @@ def test_jump_levels_top_direct_and_grid():
     exact = flow(x, levels[0], levels[-1])[4:6].float()
     assert (target[4:6] - exact).abs().max() < 0.5 * (D_exact(x, levels[0])[4:6] - exact).abs().max()
     uniform = jump_levels(grid, m, B)                                                           # no shares: Eq. (8)
-    for b in range(B):
-        i = int((grid == uniform[0, b]).nonzero())
-        assert torch.equal(uniform[:, b], grid[i - m:i + 1].flip(0))
+    assert all(walks_the_grid(grid, uniform[:, b], m) for b in range(B))
 
 
 def test_target_ema_update_math():
@@ -167,7 +169,8 @@ def test_stage2_smoke_run_and_samplers(tiny_run, tmp_path, capsys):
     assert torch.load(os.path.join(out, "stage2_nos1.pt"), weights_only=False)["init"] == "teacher"
 
 
-@pytest.mark.parametrize("bad", [["--m", "0"], ["--teacher-cfg", "strong"], ["--stage2-top", "0.8"], ["--direct-sigma", "100"]])
+@pytest.mark.parametrize("bad", [["--m", "0"], ["--teacher-cfg", "strong"], ["--stage2-top", "0.8"],
+                                 ["--direct-sigma", "100"]])
 def test_stage2_bad_flags(tiny_run, tmp_path, bad, capsys):
     out = str(tmp_path / "r")
     shutil.copytree(tiny_run, out)
