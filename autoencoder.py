@@ -8,7 +8,7 @@ loss plus a KL term with a tiny weight, so the latent space is smooth but the re
 Read first: `AutoEncoder.encode_video` / `decode_video` (what every later stage calls) and `ae_loss`.
 Frames are encoded independently, folded into the batch: `(B, T, C, H, W) -> (B*T, C, H, W)`.
 Latents are divided by `scale_factor`, measured on data after training so that they have about unit
-standard deviation (../shared/DESIGN.md; SD writes its 0.18215 as a multiplier, ours divides).
+standard deviation (SD writes its 0.18215 as a multiplier, ours divides).
 """
 from dataclasses import dataclass
 

@@ -2,18 +2,20 @@
 for the conditioning frame, and mp4/gif writing.
 
 OSV trains on OpenVid-1M and conditions on a real first frame. Neither can be downloaded here, so the
-default data is synthetic (see ../shared/DESIGN.md, "The synthetic default dataset"): one to three
-shapes moving at constant velocity with elastic bounces off the walls. The first frame shows where
-the objects are but not where they go, so the future is uncertain, as in real image-to-video.
+default data is synthetic (docs/paper.md, "Data"): one to three shapes moving at constant velocity
+with elastic bounces off the walls. The first frame shows where the objects are but not where they
+go, so the future is uncertain, as in real image-to-video.
 
 Read first: `SyntheticVideos.batch` (the whole generator, vectorised over clips, objects, frames and
 pixels) and `bounce` (the closed-form physics). Conventions: videos are `(T, 3, H, W)` per clip and
 `(B, T, 3, H, W)` per batch, floats in [-1, 1]. Every dataset is a pure function of an integer clip
 index, which is what makes training runs resumable on the same trajectory (see train.py).
 """
+import argparse
 import json
 import math
 import os
+import time
 import warnings
 
 import av
@@ -31,7 +33,7 @@ class UserError(Exception):
 
 BASE_FPS = 24.0          # our choice: the simulator's native frame rate; a clip keeps every stride-th frame
 STRIDES = (1, 2, 3)      # our choice: frame strides, so fps in {24, 12, 8} (SVD conditions on fps too)
-MAX_OBJECTS = 3          # DESIGN.md: one to three objects
+MAX_OBJECTS = 3          # our choice: one to three objects
 SHAPES = ("circle", "square", "triangle")
 SPLITS = {"train": 0, "test": 1}   # the split is part of every clip's seed, so the splits are disjoint
 
@@ -292,6 +294,18 @@ class VideoFolder:
         return {"video": video, "motion": motion, "fps": torch.tensor([f for _, f in clips])}
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """The batches of a training run, item s being this rank's share of the batch of step s: clips
+    s*B + rank*b ... (b = B / world). A pure function of s, so a resumed run reads the same batches."""
+
+    def __init__(self, dataset, batch_size, rank, world):
+        self.dataset, self.B, self.b, self.rank = dataset, batch_size, batch_size // world, rank
+
+    def __getitem__(self, s):
+        first = s * self.B + self.rank * self.b
+        return self.dataset.batch(range(first, first + self.b))
+
+
 def _atomic_json(path, obj):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -364,14 +378,11 @@ def write_video(path, video, fps=8, ncol=None, scale=None):
 
 
 if __name__ == "__main__":
-    import argparse
-    import time
-
     p = argparse.ArgumentParser(description="Preview or benchmark the synthetic dataset.")
     p.add_argument("--bench", action="store_true", help="clips per second on one CPU core")
     p.add_argument("--preview", metavar="OUT.gif", help="write a grid of 16 training clips")
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--size", type=int, default=32, help="frame size in pixels (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=8, help="frames per clip (default: %(default)s)")
     a = p.parse_args()
     ds = SyntheticVideos(a.size, a.frames)
     if a.preview:

@@ -1,12 +1,12 @@
 """OSV's latent discriminator: a trainable upsampler, a frozen feature backbone, spatial and temporal heads.
 
-The paper's main architectural change to adversarial distillation (../shared/PAPER.md, "The
+The paper's main architectural change to adversarial distillation (docs/paper.md, "The
 discriminator"; OSV App. D): the discriminator never decodes latents with the VAE. Each frame's latent
 goes through `Conv2d(c -> C_hat r^2)` and `PixelShuffle(r)` to an RGB-like image (r = 4 on SVD's 1/8
 latents: the backbone sees half the video's resolution), a frozen backbone (DINOv2 in the paper)
 gives features at several depths (StyleGAN-T), and light trainable heads read each depth: 2-D heads on
 every frame (frames folded into the batch) and 1-D heads along time (space folded into the batch).
-All the logits feed the hinge loss (gan.py).
+All the logits feed the hinge losses at the end of this file, which both stages use.
 
 Read first: `Discriminator.forward` (the data path and its shapes), then the backbones. The ablation
 of the paper's Table 2e is `input="decoded"`: decode with the autoencoder and give the full-resolution
@@ -14,7 +14,7 @@ pixels to the same backbone. `python discriminator.py --bench` measures the two 
 
 Backbones (`--disc-backbone`): `dinov2` (torch.hub, when its code and weights are available), and two
 offline ones that need no download: `ae` (the frozen encoder of our autoencoder) and `vit` (a frozen
-randomly initialised ViT). Which is the default is a measurement (README, deviations).
+randomly initialised ViT). Which is the default is a measurement (docs/experiments.md).
 """
 import argparse
 import math
@@ -25,7 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.profiler import ProfilerActivity, profile
 
+from autoencoder import AEConfig, AutoEncoder
 from data import UserError
 
 
@@ -148,7 +150,7 @@ def head(c_in, width, conv):
 
 
 class Discriminator(nn.Module):
-    """D(latent video (B, T, c, h, w)) -> a list of logit tensors, two per backbone level (spatial,
+    """disc(latent video (B, T, c, h, w)) -> a list of logit tensors, two per backbone level (spatial,
     temporal). input="latent": OSV's upsampler, no decoding; input="decoded": the autoencoder's decoder
     (frozen, but differentiable, so the generator gets its gradient) and full-resolution pixels."""
 
@@ -192,6 +194,34 @@ class Discriminator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# The hinge losses on the logits (OSV's Stage 1 and 2 losses; StyleGAN-T, PCM)
+
+def hinge_d(real_logits, fake_logits):
+    """The discriminator's hinge loss, ReLU(1 - disc(real)) + ReLU(1 + disc(fake)), each head's logits
+    averaged, then the heads averaged (StyleGAN-T, PCM)."""
+    return torch.stack([F.relu(1 - r.float()).mean() + F.relu(1 + f.float()).mean()
+                        for r, f in zip(real_logits, fake_logits)]).mean()
+
+
+def hinge_g(fake_logits):
+    """OSV's generator term: the clipped hinge ReLU(1 - disc(fake)), averaged like hinge_d. Once disc
+    scores a fake above 1 it stops pushing (not the usual -disc(fake))."""
+    return torch.stack([F.relu(1 - f.float()).mean() for f in fake_logits]).mean()
+
+
+def accuracy(logits, real):
+    """Share of logits on the right side of 0 (real > 0, fake < 0), over all heads' outputs."""
+    flat = torch.cat([x.float().flatten() for x in logits])
+    return ((flat > 0) if real else (flat < 0)).float().mean()
+
+
+def split_logits(logits, n_a=1, n=2):
+    """Logits of disc(cat([a, b])) for n clips -> (logits of a, logits of b), a the first n_a clips
+    (default: half). Every head keeps the batch outermost, with the same number of rows for every clip."""
+    return [x[:n_a * len(x) // n] for x in logits], [x[n_a * len(x) // n:] for x in logits]
+
+
+# ----------------------------------------------------------------------------------------------
 # The benchmark of the paper's claim: no decoding is cheaper (OSV: 2.61 s vs 4.29 s, 35.8 vs 73.5 GB)
 
 class SavedBytes:
@@ -215,20 +245,17 @@ class SavedBytes:
         self.ctx.__exit__(*a)
 
 
-def disc_train_step(D, real, fake):
-    """What one discriminator update costs: D on real and fake latents, the hinge loss, backward into D's
-    heads and through D into the generator's output (fake is a leaf that requires grad)."""
-    from gan import hinge_d
-    loss = hinge_d(D(real), D(fake))
+def disc_train_step(disc, real, fake):
+    """What one discriminator update costs: disc on real and fake latents, the hinge loss, backward into
+    its heads and through it into the generator's output (fake is a leaf that requires grad)."""
+    loss = hinge_d(disc(real), disc(fake))
     loss.backward()
     return loss
 
 
 def gpu_kernel_time(fn, n=10):
     """Seconds of GPU kernel time per call of fn, summed by torch.profiler's CUDA activity: what a step
-    costs the GPU itself, without the gaps while the CPU launches kernels, which dominate small steps
-    (the tiny discriminator step launches about 1,200 kernels)."""
-    from torch.profiler import ProfilerActivity, profile
+    costs the GPU itself, without the gaps while the CPU launches kernels, which dominate small steps."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             fn()
@@ -236,20 +263,19 @@ def gpu_kernel_time(fn, n=10):
     return sum(e.self_device_time_total for e in prof.key_averages()) / n / 1e6     # microseconds -> s
 
 
-def bench(preset="tiny", backbone="ae", batch=4, reps=5, device="cpu", seed=0):
+def bench(image_size=32, num_frames=8, ae_channels=(16, 32, 64), backbone="ae", batch=4, reps=5, device="cpu",
+          seed=0):
     """Time per discriminator step and peak memory, latent vs decoded input, same batch, same run; on
-    CUDA also the GPU kernel time per step (None on the CPU). {input: (s, bytes, kernel s or None)}."""
-    from autoencoder import AEConfig, AutoEncoder
-    from train import PRESETS, Config
-    cfg = Config(**PRESETS[preset])
+    CUDA also the GPU kernel time per step (None on the CPU). {input: (s, bytes, kernel s or None)}.
+    The autoencoder has random weights: the cost does not depend on them."""
     torch.manual_seed(seed)
-    ae = AutoEncoder(AEConfig(channels=tuple(cfg.ae_channels))).to(device)
-    h = cfg.image_size // ae.downsample
-    real = torch.randn(batch, cfg.num_frames, ae.cfg.latent_channels, h, h, device=device)
+    ae = AutoEncoder(AEConfig(channels=tuple(ae_channels))).to(device)
+    h = image_size // ae.downsample
+    real = torch.randn(batch, num_frames, ae.cfg.latent_channels, h, h, device=device)
     fake0 = torch.randn_like(real)
     out = {}
     for inp in ("latent", "decoded"):
-        D = Discriminator(ae, backbone, inp).to(device)
+        disc = Discriminator(ae, backbone, inp).to(device)
         times = []
         for i in range(reps + 1):                                                       # the first is warm-up
             fake = fake0.clone().requires_grad_(True)
@@ -259,16 +285,16 @@ def bench(preset="tiny", backbone="ae", batch=4, reps=5, device="cpu", seed=0):
                 base = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
             with nullcontext() if device == "cuda" else SavedBytes() as saved:   # CUDA: no per-tensor hooks
-                disc_train_step(D, real, fake)
+                disc_train_step(disc, real, fake)
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-            D.zero_grad(set_to_none=True)
+            disc.zero_grad(set_to_none=True)
         mem = torch.cuda.max_memory_allocated() - base if device == "cuda" else saved.bytes
 
         def step():
-            disc_train_step(D, real, fake0.clone().requires_grad_(True))
-            D.zero_grad(set_to_none=True)
+            disc_train_step(disc, real, fake0.clone().requires_grad_(True))
+            disc.zero_grad(set_to_none=True)
         kernel = gpu_kernel_time(step) if device == "cuda" else None
         out[inp] = (sorted(times[1:])[len(times[1:]) // 2], mem, kernel)                # median time
     return out
@@ -276,16 +302,21 @@ def bench(preset="tiny", backbone="ae", batch=4, reps=5, device="cpu", seed=0):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Latent vs decoded discriminator input: step time and memory.")
-    p.add_argument("--bench", action="store_true", required=True)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--backbone", default="ae", choices=["ae", "vit", "dinov2"])
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--bench", action="store_true", required=True, help="run the benchmark")
+    p.add_argument("--size", type=int, default=32, help="frame size in pixels (default: %(default)s, the tiny preset)")
+    p.add_argument("--frames", type=int, default=8, help="frames per clip (default: %(default)s)")
+    p.add_argument("--ae-channels", default="16,32,64", help="autoencoder widths (default: %(default)s, the tiny "
+                   "preset; the small preset: 32,64,128)")
+    p.add_argument("--backbone", default="ae", choices=["ae", "vit", "dinov2"], help="default: %(default)s")
+    p.add_argument("--batch", type=int, default=4, help="clips per batch (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps after one warm-up (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
-    res = bench(a.preset, a.backbone, a.batch, a.reps, a.device)
+    channels = tuple(int(c) for c in a.ae_channels.split(","))
+    res = bench(a.size, a.frames, channels, a.backbone, a.batch, a.reps, a.device)
     what = "peak CUDA memory above the inputs" if a.device == "cuda" else "activations saved for backward"
-    print(f"discriminator step, preset {a.preset}, backbone {a.backbone}, batch {a.batch}, {a.device}:")
+    print(f"discriminator step, {a.size}x{a.size}x{a.frames}, autoencoder {a.ae_channels}, backbone {a.backbone}, "
+          f"batch {a.batch}, {a.device}:")
     for k, (t, m, g) in res.items():
         gpu = f", GPU kernel time {g * 1000:.1f} ms" if g is not None else ""
         print(f"  {k:8s} input: {t * 1000:8.1f} ms per step{gpu}, {m / 2 ** 20:8.1f} MiB {what}")

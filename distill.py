@@ -1,33 +1,36 @@
 """Stage 2 of OSV, Adversarial Consistency Distillation (ACD): OSV Eq. (8) and the Stage 2 losses.
 
-../shared/PAPER.md, "Stage 2". A real latent is noised to level t_{n+m} of the 100-point grid. The
+docs/paper.md, "Stage 2". A real latent is noised to level t_{n+m} of the 100-point grid. The
 frozen teacher walks m first-order steps down the grid, classifier-free guidance folded into every
 step, to x^_{t_n}; the EMA target network's prediction there, f_theta-(x^_{t_n}, t_n), is what the
 student's one jump f_theta(x_{t_{n+m}}, t_{n+m}) must equal:
 
     x^_{t_{k-1}} = x^_{t_k} + (t_{k-1} - t_k) Phi(x^_{t_k}, t_k)   k = n+m ... n+1   (OSV Eq. 8)
-    L_g2 = lambda(t_n) d(f_theta-(x^_{t_n}, t_n), f_theta(x_{t_{n+m}}, t_{n+m})) + 0.1 ReLU(1 - D(f_theta(...)))
-    L_d2 = ReLU(1 - D(f_theta-(x^_{t_n}, t_n))) + ReLU(1 + D(f_theta(x_{t_{n+m}}, t_{n+m})))
+    L_g2 = lambda(t_n) d(f_theta-(x^_{t_n}, t_n), f_theta(x_{t_{n+m}}, t_{n+m})) + 0.1 ReLU(1 - disc(f_theta(...)))
+    L_d2 = ReLU(1 - disc(f_theta-(x^_{t_n}, t_n))) + ReLU(1 + disc(f_theta(x_{t_{n+m}}, t_{n+m})))
 
 The discriminator's "real" side is the target's prediction, not data: the adversarial loss can reach
 zero exactly when the student is consistent, so it does not fight the distillation (the paper's
-argument). Read first: `acd_pair` (Eq. 8 and the two predictions), then `jump_levels` and `acd_step`.
+argument). Read first: `acd_pair` (Eq. 8 and the two predictions), then `jump_levels` and `ACD.step`.
 
-Choices the paper leaves open, made here (README, "Stage 2"):
+Choices the paper leaves open, made here (docs/paper.md lists them; docs/experiments.md measures them):
 - Phi is the PF-ODE direction (x - D(x; t)) / t of the teacher's denoiser (EDM Eq. 4): Euler steps.
 - CFG in the teacher step: Phi^ = Phi_u + w (Phi_c - Phi_u) with SVD's per-frame ramp (1.0 -> 2.5) by
-  default, a constant with --teacher-cfg W. Linear in D, so it is guided(D) in sample.py.
+  default, a constant with --teacher-cfg W. Linear in D, so it is sample.guided(D).
 - lambda(t_n) = 1 (uniform, as the consistency-distillation launch scripts of Song et al. 2023);
   see `distill_weight` for why not iCT's 1 / (t_{n+m} - t_n) on this grid.
 - the target's EMA decay mu = 0.95 (Song et al. 2023's fixed target EMA), updated after every step.
-- where the jumps start (`jump_levels`): half of each batch from the top level, a quarter from sigma = 1
-  straight to the teacher's solution (Eq. 8 with n = 1, the m steps spread over the whole way down), the
-  rest uniform on the grid. A departure from Eq. (8) as written, measured (README, "Stage 2").
+- where the jumps start (`jump_levels`): a share from the top level, a share from sigma = 1 straight
+  to the teacher's solution (Eq. 8 with n = 1, the m steps spread over the whole way down), the rest
+  uniform on the grid. A departure from Eq. (8) as written.
 """
 import torch
 
-from gan import accuracy, hinge_d, hinge_g, pseudo_huber, split
-from sample import karras_sigmas
+from data import UserError
+from discriminator import Discriminator, accuracy, hinge_d, hinge_g, split_logits
+from gan import make_disc_optimizer, pseudo_huber
+from sample import cfg_scale, guided, karras_sigmas, sigma_grid
+from unet import EMA, latents_and_condition, make_student
 
 
 def teacher_solve(D, x, levels):
@@ -52,13 +55,12 @@ def distill_weight(t_n, t_nm):
 def jump_levels(grid, m, B, top_share=0.0, direct_share=0.0, direct_sigma=1.0):
     """Each sample's levels for the teacher's walk, (m + 1, B), from where the student jumps (t_{n+m})
     down to where the target predicts (t_n). The paper draws n "from the grid" and says no more. Ours,
-    three kinds of jump, measured (README, "Stage 2"):
+    three kinds of jump:
       - round(top_share B) samples from the top level t_N, where one-step sampling starts (as Stage 1);
       - round(direct_share B) from direct_sigma all the way down: the m Euler steps spread over the
         teacher's own Karras levels from direct_sigma to sigma_min = t_1, where the target network is
         exact by the boundary condition (f(x, sigma_min) = x), so the target is the teacher's solution
-        itself, free of the target network's error (Eq. 8 with n = 1); a few Euler steps from sigma ~ 1
-        already match the teacher's long solve;
+        itself, free of the target network's error (Eq. 8 with n = 1);
       - the rest: t_{n+m} uniform on the grid and m grid steps down (OSV Eq. 8 as written)."""
     n = torch.randint(len(grid) - m, (B,), device=grid.device)                        # n + m <= N - 1
     k_top, k_direct = round(top_share * B), round(direct_share * B)
@@ -80,88 +82,83 @@ def acd_pair(f, f_target, solve, x0, eps, levels):
     return f(x, t_nm), target
 
 
-def acd_step(f, f_target, solve, D, D_plain, x0, grid, m, update_g, update_d, lambda_adv=0.1, c=0.001,
-             top_share=0.0, direct_share=0.0, direct_sigma=1.0):
-    """One Stage 2 step. f is the student (maybe DDP-wrapped), f_target the EMA target, solve the
-    teacher's m-step solve, D / D_plain the discriminator wrapped / unwrapped (see gan.lgp_step); the
-    jumps are drawn by jump_levels."""
-    levels = jump_levels(grid, m, len(x0), top_share, direct_share, direct_sigma)
-    student, target = acd_pair(f, f_target, solve, x0, torch.randn_like(x0), levels)
-    dist = (distill_weight(levels[-1], levels[0]) * pseudo_huber(target, student, c)).mean()
-    adv = hinge_g(D_plain(student))
-    update_g(dist + lambda_adv * adv)
-    real_logits, fake_logits = split(D(torch.cat([target, student.detach()])))       # "real" = the target
-    loss_d = hinge_d(real_logits, fake_logits)
-    update_d(loss_d)
-    return {"loss": dist + lambda_adv * adv, "distill": dist, "adv_g": adv, "loss_d": loss_d,
-            "acc_real": accuracy(real_logits, True), "acc_fake": accuracy(fake_logits, False)}
+class ACD:
+    """Stage 2's levels and hyperparameters, bound once: the grid (N,), the teacher's solve length m,
+    its guidance scale (a number or SVD's per-frame ramp), lambda_adv, pseudo-Huber's c, and the
+    shares of the jumps (`jump_levels`)."""
+
+    def __init__(self, grid, m, scale, lambda_adv=0.1, c=0.001, top_share=0.0, direct_share=0.0,
+                 direct_sigma=1.0):
+        self.grid, self.m, self.scale, self.lambda_adv, self.c = grid, m, scale, lambda_adv, c
+        self.top_share, self.direct_share, self.direct_sigma = top_share, direct_share, direct_sigma
+
+    def step(self, f, f_target, teacher, disc, x0, cond, update, disc_wrapped=None):
+        """One Stage 2 step on real latents x0. f: the student, f_target: the EMA target, teacher: the
+        frozen denoiser; all take (x, sigma, cond). disc, disc_wrapped, update: as in gan.LGP.step."""
+        levels = jump_levels(self.grid, self.m, len(x0), self.top_share, self.direct_share, self.direct_sigma)
+        D_teacher, _ = guided(teacher, cond, self.scale)                               # CFG in every step
+        student, target = acd_pair(lambda x, s: f(x, s, cond), lambda x, s: f_target(x, s, cond),
+                                   lambda x, lv: teacher_solve(D_teacher, x, lv), x0, torch.randn_like(x0), levels)
+
+        # generator: L_g2 = lambda(t_n) d(target, student) + 0.1 ReLU(1 - disc(student))
+        dist = (distill_weight(levels[-1], levels[0]) * pseudo_huber(target, student, self.c)).mean()
+        adv = hinge_g(disc(student))
+        update(dist + self.lambda_adv * adv, "student")
+
+        # discriminator: L_d2, the target's prediction "real", the (detached) student "fake"
+        real_logits, fake_logits = split_logits((disc_wrapped or disc)(torch.cat([target, student.detach()])))
+        loss_d = hinge_d(real_logits, fake_logits)
+        update(loss_d, "disc")
+        return {"loss": dist + self.lambda_adv * adv, "distill": dist, "adv_g": adv, "loss_d": loss_d,
+                "acc_real": accuracy(real_logits, True), "acc_fake": accuracy(fake_logits, False)}
 
 
-# ----------------------------------------------------------------------------------------------
-# The stage, for train.py's loop
+def teacher_scale(cfg):
+    """The teacher's guidance in Stage 2: SVD's per-frame ramp cfg_min -> cfg_max, or a constant."""
+    if cfg.teacher_cfg == "ramp":
+        return cfg_scale(cfg.cfg_min, cfg.cfg_max, cfg.num_frames)
+    try:
+        return float(cfg.teacher_cfg)
+    except ValueError:
+        raise UserError(f"--teacher-cfg must be 'ramp' or a number, not {cfg.teacher_cfg!r}") from None
 
-def setup_stage2(cfg, run):
-    """`python train.py --stage 2`: student and target from Stage 1's EMA student (LoRA unmerged and
-    trainable, plus the temporal blend scalars alpha of every video block, the "specific layers" we
-    unfreeze: they set how much each block mixes time, and cost nothing; unfreezing the noise embeddings
-    or every temporal layer as well scored worse, README "Stage 2"), the discriminator from Stage 1,
-    the frozen teacher. With --from-teacher (the ablation "no Stage 1"): the student from the teacher
-    with fresh LoRA, a fresh discriminator."""
-    import os
 
-    from data import UserError
-    from discriminator import Discriminator
-    from gan import sigma_grid, student_stage
-    from sample import cfg_scale, guided
-    from train import EMA, ckpt_path, latents_and_condition, load_ae, load_checkpoint, load_teacher, make_student
-    ae, ae_config = load_ae(run)
-    teacher, ucfg = load_teacher(run)
-    teacher.eval().requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    if cfg.from_teacher:
-        f, _ = make_student(teacher, cfg.sigma_min, cfg.lora_rank, cfg.lora_convs)
-        lora, dcfg, s1 = {"rank": cfg.lora_rank, "convs": cfg.lora_convs}, cfg, None
-    else:
-        path = ckpt_path(run, "1")
-        path = path if os.path.isfile(path) else ckpt_path(run, "1", tag="")     # a tag's own Stage 1, if any
-        s1 = load_checkpoint(path, "1", f"python train.py --stage 1 --out {run.out}")
-        lora = s1["lora"]
-        f, _ = make_student(teacher, cfg.sigma_min, lora["rank"], lora["convs"])
-        f.load_state_dict(s1["ema"]["student"])
-        dcfg = type(cfg)(**s1["config"])
-    for name, p in f.named_parameters():
-        if name.endswith("mix_factor"):
-            p.requires_grad_(True)
-    disc = Discriminator(ae, dcfg.disc_backbone, dcfg.disc_input, dcfg.disc_r or None).to(run.device)
-    if s1 is not None:
-        disc.load_state_dict(s1["models"]["disc"])
-    target = EMA(f, cfg.target_decay, warmup=False)                  # theta-, updated by the loop each step
-    opt_g = torch.optim.Adam([p for p in f.parameters() if p.requires_grad], lr=cfg.stage2_lr)
-    opt_d = torch.optim.Adam([p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr, betas=(0.0, 0.99))
-    grid = sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(run.device)
+def setup_stage2(cfg, ae, teacher, stage1, device):
+    """`python train.py --stage 2`: student and target from Stage 1's EMA student (`stage1`, its
+    checkpoint dict), LoRA unmerged and trainable, plus the temporal blend scalars alpha of every video
+    block (the "specific layers" we unfreeze: they set how much each block mixes time, and cost
+    nothing); the discriminator from Stage 1; the frozen teacher. stage1 None (--from-teacher, the
+    ablation "no Stage 1"): the student from the teacher with fresh LoRA, a fresh discriminator.
+    Returns the parts train.py's loop assembles."""
     if not 1 <= cfg.m < cfg.grid_size:
         raise UserError(f"--m must be between 1 and {cfg.grid_size - 1}")
     if cfg.stage2_top < 0 or cfg.stage2_direct < 0 or cfg.stage2_top + cfg.stage2_direct > 1:
         raise UserError("--stage2-top and --stage2-direct are shares of the batch: each >= 0, together <= 1")
     if not cfg.sigma_min < cfg.direct_sigma <= cfg.sigma_max:
         raise UserError(f"--direct-sigma must lie in ({cfg.sigma_min}, {cfg.sigma_max}], the grid's range")
-    try:
-        scale = cfg_scale(cfg.cfg_min, cfg.cfg_max, cfg.num_frames) if cfg.teacher_cfg == "ramp" \
-            else float(cfg.teacher_cfg)
-    except ValueError:
-        raise UserError(f"--teacher-cfg must be 'ramp' or a number, not {cfg.teacher_cfg!r}") from None
+    scale = teacher_scale(cfg)
+    teacher.eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    lora = stage1["lora"] if stage1 is not None else {"rank": cfg.lora_rank, "convs": cfg.lora_convs}
+    f, _ = make_student(teacher, cfg.sigma_min, lora["rank"], lora["convs"])
+    if stage1 is not None:
+        f.load_state_dict(stage1["ema"]["student"])
+    for name, p in f.named_parameters():
+        if name.endswith("mix_factor"):
+            p.requires_grad_(True)
+    dcfg = type(cfg)(**stage1["config"]) if stage1 is not None else cfg   # disc as Stage 1 built it
+    disc = Discriminator(ae, dcfg.disc_backbone, dcfg.disc_input, dcfg.disc_r or None).to(device)
+    if stage1 is not None:
+        disc.load_state_dict(stage1["models"]["disc"])
+    target = EMA(f, cfg.target_decay, warmup=False)                  # theta-, updated by the loop each step
+    opts = {"student": torch.optim.Adam([p for p in f.parameters() if p.requires_grad], lr=cfg.stage2_lr),
+            "disc": make_disc_optimizer(disc, cfg.disc_lr)}
+    acd = ACD(sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(device), cfg.m, scale, cfg.lambda_adv,
+              cfg.huber_c, cfg.stage2_top, cfg.stage2_direct, cfg.direct_sigma)
 
     def step(nets, batch, update):
         x0, cond = latents_and_condition(ae, batch)                                # (B, T, c, h, w)
-        D_teacher, _ = guided(teacher, cond, scale)                                # CFG in every step
+        return acd.step(nets["student"], target.model, teacher, disc, x0, cond, update, nets["disc"])
 
-        def update_d(loss):
-            opt_d.zero_grad(set_to_none=True)
-            update(loss, "disc")
-        return acd_step(lambda x, s: nets["student"](x, s, cond), lambda x, s: target.model(x, s, cond),
-                        lambda x, levels: teacher_solve(D_teacher, x, levels), nets["disc"], disc, x0, grid,
-                        cfg.m, lambda loss: update(loss, "student"), update_d, cfg.lambda_adv, cfg.huber_c,
-                        cfg.stage2_top, cfg.stage2_direct, cfg.direct_sigma)
-
-    return student_stage("stage 2", f, disc, {"student": opt_g, "disc": opt_d}, step, target, ae, ae_config, ucfg,
-                         run, cfg, lora=lora, init="teacher" if s1 is None else os.path.basename(path))
+    return {"models": {"student": f, "disc": disc}, "opts": opts, "ema": {"student": target}, "step": step,
+            "extra": {"lora": lora}}

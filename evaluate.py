@@ -13,6 +13,7 @@ network learns, and therefore what the ruler sees), `diagnostics`.
     python evaluate.py --sanity                                 # the ruler checked against corruptions
     python evaluate.py --real synthetic --fake samples/         # a folder of videos vs the test split
     python evaluate.py --real videos/ --fake samples/ --i3d i3d_torchscript.pt
+    python evaluate.py --run runs/default                       # the replication report of a run folder
 """
 import argparse
 import glob
@@ -29,7 +30,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from data import SyntheticVideos, UserError, VideoFolder
+from data import SyntheticVideos, UserError, VideoFolder, write_video
+from sample import TTS_SIGMA, cfg_scale, generate, load_model
+from unet import condition
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,9 +82,9 @@ class FeatureNet(nn.Module):
     The features are the 128-d embedding that the heads read, plus the energy (std over space and
     time) of each of the 32 first-layer filters before normalisation. The embedding alone is nearly
     blind to blur: GroupNorm rescales weak edges back up and the labels do not depend on sharpness.
-    The raw filter energies keep "how much detail at which orientation and speed" (our choice,
-    measured in `python evaluate.py --sanity`: it raises blur's distance about fourfold). Every
-    feature is standardised with statistics of training clips, so each dimension counts alike."""
+    The raw filter energies keep "how much detail at which orientation and speed" (our choice; the
+    ruler's check is `python evaluate.py --sanity`). Every feature is standardised with statistics of
+    training clips, so each dimension counts alike."""
 
     HEADS = {"count": 3, "shapes": 3, "speed": 1, "direction": 8,      # synthetic ground truth
              "shuffled": 1, "reversed": 1, "fast": 1}                  # self-supervised, any video
@@ -263,8 +266,8 @@ def extract(features, videos, batch_size=64):
 # ----------------------------------------------------------------------------------------------
 # Diagnostics
 
-# our choice: mean |frame difference| (pixels in [0, 1]) below which a video counts as static. The
-# slowest of 2,000 real synthetic test clips moves 0.0023 (tiny and small presets), the median 0.024.
+# our choice: mean |frame difference| (pixels in [0, 1]) below which a video counts as static, well
+# below what the slowest real synthetic clips move (docs/experiments.md, "The ruler")
 STATIC_THRESHOLD = 0.001
 
 
@@ -328,8 +331,7 @@ def sampler_rows(run_dir):
     tagged = lambda stage: sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, f"stage{stage}_*.pt")))  # noqa: E731,E501
     rows = []
     if has("teacher.pt"):
-        # SVD's own sampler, Euler (the paper's 25 steps = 50 NFE); Heun scores the same at 25 steps on
-        # the tiny teacher (17.95 vs 18.7 FVD-syn, README) for twice the calls
+        # SVD's own sampler, Euler: the paper's 25 steps = 50 NFE (Heun would cost twice the calls)
         rows += [(1, "teacher, Euler + CFG", "teacher.pt", n, "ramp", "euler") for n in (25, 8, 2, 1)]
     if has("stage1.pt"):
         rows += [(1, "Stage 1 only (LGP)", "stage1.pt", 1, None, "consistency")]
@@ -349,12 +351,10 @@ def sampler_rows(run_dir):
 
 
 @torch.no_grad()
-def run_row(D, ae, cfg, real, steps, guidance, sampler="heun", batch_size=50, seed=0):
+def run_row(D, ae, cfg, real, steps, guidance, sampler="heun", batch_size=50, seed=0, tts_sigma=TTS_SIGMA):
     """Generate videos from the first frames of `real` (video, fps, motion); return them, the
     milliseconds per video (sampling and decoding, after a one-step warm-up batch of the same shapes)
-    and the NFE per video."""
-    from sample import cfg_scale, generate
-    from unet import condition
+    and the NFE per video. cfg["sigma_max"] is where every sampler starts."""
     T = cfg["num_frames"]
     scale = cfg_scale(cfg["cfg_min"], cfg["cfg_max"], T) if guidance == "ramp" else guidance or 1.0
     dev = real["video"].device
@@ -368,7 +368,7 @@ def run_row(D, ae, cfg, real, steps, guidance, sampler="heun", batch_size=50, se
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         z, nfe = generate(D, cond, T, steps if i >= 0 else 1, scale, sampler, cfg["sigma_min"], cfg["sigma_max"],
-                          seed + max(i, 0), cfg.get("grid_size", 100))          # warm-up: one step suffices
+                          seed + max(i, 0), cfg.get("grid_size", 100), tts_sigma)   # warm-up: one step suffices
         video = ae.decode_video(z).clamp(-1, 1)
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -382,17 +382,22 @@ HEADER = ["| {} | steps | NFE | FVD-syn | first-frame PSNR (dB) | static rate | 
           "|---|---|---|---|---|---|---|---|"]
 
 
-def write_report(run_dir, num=500, device="cpu", feature_steps=1500, max_steps=0):
-    """Evaluate every row the run folder supports (`sampler_rows`) and write run_dir/report.md and
-    run_dir/report_grid.gif. Rows that share a model and sampler are computed once."""
-    from data import write_video
-    from sample import load_model
-    rows = [r for r in sampler_rows(run_dir) if not max_steps or r[3] <= max_steps]
+def write_report(run_dir, num=500, device="cpu", feature_steps=1500, max_steps=0, tts_sigma=TTS_SIGMA,
+                 sigma_max=None, name="report", checkpoints=None):
+    """Evaluate every row the run folder supports (`sampler_rows`) and write run_dir/<name>.md and
+    run_dir/<name>_grid.gif. Rows that share a model and sampler are computed once. Only rows of at
+    most max_steps steps (0: all) and of the checkpoint files in `checkpoints` (None: all); tts_sigma: the
+    Time Travel Sampler's level s; sigma_max: where every sampler starts (default: the run's)."""
+    rows = [r for r in sampler_rows(run_dir) if (not max_steps or r[3] <= max_steps) and (not checkpoints or r[2] in checkpoints)]
     if not rows:
-        raise UserError(f"{run_dir} holds no trained video model (teacher.pt): train one first")
+        raise UserError(f"{run_dir} holds no trained video model (teacher.pt)" +
+                        (f" among {','.join(checkpoints)}" if checkpoints else ": train one first"))
     models = {}
     for row in rows:
         models.setdefault(row[2], load_model(os.path.join(run_dir, row[2]), device))
+    if sigma_max is not None:
+        for m in models.values():
+            m[2]["sigma_max"] = sigma_max
     cfg = next(iter(models.values()))[2]
     S, T = cfg["image_size"], cfg["num_frames"]
     features = load_feature_net(os.path.join(run_dir, f"fvdsyn_synthetic_{S}x{T}.pt"), "synthetic", S, T,
@@ -405,7 +410,7 @@ def write_report(run_dir, num=500, device="cpu", feature_steps=1500, max_steps=0
         key = (ck, steps, guidance, sampler)
         if key not in done:
             D, ae, cfg, _ = models[ck]
-            fake, ms, nfe = run_row(D, ae, cfg, real, steps, guidance, sampler)
+            fake, ms, nfe = run_row(D, ae, cfg, real, steps, guidance, sampler, tts_sigma=tts_sigma)
             fd, lo, hi = fd_interval(f_real, extract(features, fake))
             d = diagnostics(fake, real["video"].cpu(), real["video"][:, 0].cpu())
             values[key] = (fd, ms, nfe)
@@ -420,6 +425,8 @@ def write_report(run_dir, num=500, device="cpu", feature_steps=1500, max_steps=0
              f"first frame of one of them. FVD-syn (our offline ruler, not comparable with published FVD) with a 95% "
              f"bootstrap interval; NFE = network evaluations per video (CFG counts two); ms = sampling + decoding "
              f"per video on {device} ({dev_name}), measured in this run, batches of 50.", "",
+             *([f"Sampled from sigma_max = {cfg['sigma_max']}; TTS level s = {tts_sigma}.", ""]
+               if sigma_max is not None or tts_sigma != TTS_SIGMA else []),
              "## Table 1: steps against quality", "", HEADER[0].format("model"), HEADER[1], *tables[1]]
     if tables[2]:
         lines += ["", "## Table 2: ablations (1 step + TTS unless noted)", "", HEADER[0].format("ablation"),
@@ -433,11 +440,11 @@ def write_report(run_dir, num=500, device="cpu", feature_steps=1500, max_steps=0
             if ck != "teacher.pt" and table == 1:
                 lines.append(f"| {label} | {steps} | {nfe} | {fd / teacher[0]:.2f}x | {teacher[1] / ms:.1f}x |")
     cols = [real["video"][:4, :1].expand(-1, T, -1, -1, -1).cpu()] + list(grid.values())
-    write_video(os.path.join(run_dir, "report_grid.gif"), torch.stack(cols, 1).flatten(0, 1), fps=8, ncol=len(cols))
+    write_video(os.path.join(run_dir, f"{name}_grid.gif"), torch.stack(cols, 1).flatten(0, 1), fps=8, ncol=len(cols))
     names = {("teacher.pt", 25): "teacher 25 steps", ("teacher.pt", 1): "teacher 1 step", ("stage2.pt", 1): "OSV 1 step + TTS"}
-    lines += ["", "`report_grid.gif`: each row one test clip; columns: the conditioning frame, "
+    lines += ["", f"`{name}_grid.gif`: each row one test clip; columns: the conditioning frame, "
               + ", ".join(names[k] for k in grid) + "."]
-    with open(os.path.join(run_dir, "report.md"), "w") as f:
+    with open(os.path.join(run_dir, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return lines
@@ -479,25 +486,26 @@ def main(argv=None):
     p.add_argument("--fake", help="a folder of generated videos")
     p.add_argument("--sanity", action="store_true", help="check the ruler on real and corrupted clips")
     p.add_argument("--run", metavar="DIR", help="evaluate the models of a run folder; writes DIR/report.md")
-    p.add_argument("--preset", default="tiny", help="sizes of synthetic clips (train.py presets)")
+    p.add_argument("--size", type=int, default=32, help="frame size of the sets (default: %(default)s, the tiny preset)")
+    p.add_argument("--frames", type=int, default=8, help="frames per video (default: %(default)s, the tiny preset)")
     p.add_argument("--num", type=int, help="videos per set (default 1000; 500 for --run)")
     p.add_argument("--i3d", metavar="FILE", help="use I3D (FVD) instead of the offline network (FVD-syn)")
     p.add_argument("--out", default="runs/default", help="run folder that caches the feature network")
     p.add_argument("--feature-steps", type=int, default=1500, help="training steps of the feature network")
     p.add_argument("--max-steps", type=int, default=0, help="--run: only rows of at most this many steps")
+    p.add_argument("--tts-sigma", type=float, default=TTS_SIGMA, help="--run: the Time Travel Sampler's level s")
+    p.add_argument("--sigma-max", type=float, help="--run: where every sampler starts (default: the run's)")
+    p.add_argument("--name", default="report", help="--run: write DIR/NAME.md and DIR/NAME_grid.gif")
+    p.add_argument("--models", help="--run: only these checkpoint files, comma-separated (teacher.pt,stage2.pt)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
-    from train import Config, PRESETS        # here, not at the top: train.py will import this file
     try:
         if args.run:
-            write_report(args.run, args.num or 500, args.device, args.feature_steps, args.max_steps)
+            write_report(args.run, args.num or 500, args.device, args.feature_steps, args.max_steps, args.tts_sigma,
+                         args.sigma_max, args.name, args.models.split(",") if args.models else None)
             return 0
         args.num = args.num or 1000
-        if args.preset not in PRESETS:
-            raise UserError(f"--preset must be one of {list(PRESETS)}")
-        cfg = Config(**PRESETS[args.preset])
-        args.size, args.frames = cfg.image_size, cfg.num_frames
         if not args.sanity and not args.fake:
             raise UserError("give --fake PATH (a folder of generated videos), or --sanity")
         if args.i3d:

@@ -1,5 +1,6 @@
 """Sampling: noise levels, PF-ODE solvers with classifier-free guidance, the consistency samplers of
-OSV's students (k steps, and the Time Travel Sampler, OSV Eq. 13), and the image -> video CLI.
+OSV's students (k steps, and the Time Travel Sampler, OSV Eq. 13), reading checkpoints, and the
+image -> video CLI.
 
 Every sampler takes a denoiser D(x, sigma) -> x0_hat (k-diffusion's interface; `guided` binds the
 conditioning; a student's consistency function f_theta has the same interface) and noise levels, and
@@ -31,6 +32,13 @@ def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+
+
+def sigma_grid(n=100, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """The students' grid t_1 < ... < t_N of N = 100 levels (OSV "uniformly samples 100 timesteps"; the
+    map to sigma is not given). Ours: Karras levels between the teacher's sigma_min and sigma_max, as
+    AnimateLCM-SVD's N = 100 grid (rho 7), ascending, so index n and n + m read as in OSV Eq. (8)."""
+    return karras_sigmas(n, sigma_min, sigma_max, rho)[:-1].flip(0).float()        # (N,), grid[0] = sigma_min
 
 
 def to_d(x, sigma, x0_hat):
@@ -83,7 +91,7 @@ def sample_consistency(f, x, sigmas, generator=None):
 @torch.no_grad()
 def sample_tts(f, x, sigma_T, sigma_s, generator=None):
     """The Time Travel Sampler: one step of quality for two calls (our reading of OSV Eq. 13; the text
-    we have is garbled, ../shared/PAPER.md, "Sampling"). From x at the top level T:
+    we have is garbled; docs/paper.md, "Sampling"). From x at the top level T:
       1. f_A = f(x, T)                                    call 1, the one-step prediction
       2. e_A = (x - f_A) / sigma_T                        the noise that prediction implies
       3. x_s = f_A + sigma_s (e_0 + e_A) / sqrt(2)        travel back in time to level s
@@ -92,7 +100,7 @@ def sample_tts(f, x, sigma_T, sigma_s, generator=None):
     correct. Ours: / sqrt(2), not the text's / 2, keeps unit variance for independent e_0 and e_A, so
     x_s really is at level s. The text's last step re-reads the second call's raw output through the
     scalings at T; in SVD's v-parametrisation that equals f(x_s, s) up to O(1 / sigma_s^2) for large s
-    and is no estimate of x_0 for small s, so we return f(x_s, s). s is a measured choice (README)."""
+    and is no estimate of x_0 for small s, so we return f(x_s, s). s is ours (docs/experiments.md)."""
     f_A = f(x, sigma_T)
     e_A = (x - f_A) / sigma_T
     e_0 = torch.randn(x.shape, generator=generator).to(x.device)
@@ -109,7 +117,7 @@ def consistency_sigmas(steps, grid):
 
 
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "consistency": sample_consistency, "tts": sample_tts}
-TTS_SIGMA = 0.5         # the Time Travel Sampler's level s: best of 0.1-10 on the tiny run (README, "Stage 2")
+TTS_SIGMA = 0.5         # the Time Travel Sampler's level s (ours, measured: docs/experiments.md)
 
 
 def cfg_scale(scale_min, scale_max, num_frames):
@@ -140,14 +148,13 @@ def guided(denoiser, cond, scale=1.0):
 def generate(denoiser, cond, num_frames, steps, scale=1.0, sampler="heun", sigma_min=0.002,
              sigma_max=80.0, seed=0, grid_size=100, tts_sigma=TTS_SIGMA):
     """Latent videos (B, T, c, h, w) from the conditioning, and the NFE per video. The ODE samplers use
-    Karras levels; the consistency samplers use levels of the students' training grid (gan.sigma_grid).
+    Karras levels; the consistency samplers use levels of the students' training grid (`sigma_grid`).
     sampler "tts": the Time Travel Sampler (steps must be 1)."""
     B, c, h, w = cond["concat"].shape
     dev = cond["concat"].device
     g = torch.Generator(device="cpu").manual_seed(seed)
     if sampler in ("consistency", "tts"):
-        grid = karras_sigmas(grid_size, sigma_min, sigma_max)[:-1].flip(0)       # = gan.sigma_grid
-        sigmas = consistency_sigmas(steps, grid).to(dev, torch.float32)
+        sigmas = consistency_sigmas(steps, sigma_grid(grid_size, sigma_min, sigma_max)).to(dev)
     else:
         sigmas = karras_sigmas(steps, sigma_min, sigma_max).to(dev, torch.float32)
     x = (torch.randn(B, num_frames, c, h, w, generator=g) * sigmas[0].item()).to(dev)   # EDM: x_0 = sigma_max z
@@ -164,12 +171,46 @@ def generate(denoiser, cond, num_frames, steps, scale=1.0, sampler="heun", sigma
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading a trained model and the CLI
+# Reading checkpoints (train.py writes them: one dict per stage) and the CLI
+
+def load_checkpoint(path, stages, make=None):
+    """A finished checkpoint of one of `stages`, or a one-line error (naming `make`, the command that
+    makes the file, when it is missing)."""
+    stages = (stages,) if isinstance(stages, str) else tuple(stages)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found" + (f": run `{make}` first" if make else ""))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    stage = ckpt.get("stage") if isinstance(ckpt, dict) else None
+    if stage not in stages:
+        raise UserError(f"{path} is a checkpoint of stage {stage!r}, not of {' or '.join(stages)}")
+    if not ckpt.get("done"):
+        raise UserError(f"{path} is unfinished (step {ckpt['step']}): finish it with "
+                        f"`python train.py --stage {stage} --out {os.path.dirname(path) or '.'} --resume`")
+    return ckpt
+
+
+def load_ae(path, device="cpu", make=None):
+    """A finished autoencoder, frozen (EMA weights, with its scale_factor), and its config dict."""
+    ck = load_checkpoint(path, "ae", make)
+    ae = AutoEncoder(AEConfig(**ck["ae_config"]))
+    ae.load_state_dict(ck["ema"]["ae"])
+    return ae.to(device).eval().requires_grad_(False), ck["ae_config"]
+
+
+def load_teacher(path, device="cpu", make=None):
+    """A finished teacher (EMA weights) and its UNet config dict."""
+    ck = load_checkpoint(path, "teacher", make)
+    D = Denoiser(UNetConfig(**ck["unet_config"]), ck["ae_config"]["latent_channels"])
+    D.load_state_dict(ck["ema"]["denoiser"])
+    return D.to(device), ck["unet_config"]
+
 
 def load_model(path, device="cpu"):
     """A finished checkpoint of a video model (teacher, stage 1, stage 2) -> (denoiser with EMA weights,
     autoencoder, config dict, stage name). One-line errors for anything else."""
-    from train import load_checkpoint          # here, not at the top: train.py imports this file
     ckpt = load_checkpoint(path, ("teacher", "1", "2"))
     D = Denoiser(UNetConfig(**ckpt["unet_config"]), ckpt["ae_config"]["latent_channels"])
     if ckpt["stage"] == "teacher":

@@ -1,4 +1,4 @@
-"""Training: the CLI, the presets, and the one loop that every stage of the pipeline shares.
+"""Training: the command line, the presets, and the one loop that every stage of the pipeline shares.
 
     python train.py --stage ae           # the latent autoencoder (autoencoder.py); also teacher, 1, 2
     python train.py --stage all          # ae, teacher, 1, 2 in order (finished ones kept), then the report
@@ -6,18 +6,18 @@
 
 The paper's "implementation details" live here: Adam, mixed precision (bf16 autocast on CUDA by
 default; fp16 with a GradScaler; fp32 on CPU), an EMA of the weights, gradient clipping, DDP, logging
-and checkpoints. A stage (see `setup_ae`) hands the loop its networks, optimisers and a `step`
-function; the loop owns everything else.
+and checkpoints. A stage hands the loop its networks, optimisers and a `step` function (`Stage`; the
+student stages build theirs in gan.py and distill.py); the loop owns everything else.
 
 Read first: `train_stage`. Two design decisions make runs resumable on the same trajectory:
 - data is a pure function of (step, rank): step s reads clips s*B .. s*B+B-1 of the dataset, split
   across ranks, so the same batches come back after a restart with no data-loader state to save;
 - the global RNG is re-seeded from (seed, rank, step) before every step, so the RNG state at a step is
   a function of the step number that the checkpoint stores; no generator state needs saving.
-Checkpoints are one dict per stage (`runs/<name>/<stage>.pt`), written atomically (temp file, rename).
+Checkpoints are one dict per stage (`runs/<name>/<stage>.pt`), written atomically (temp file, rename);
+sample.py reads them.
 """
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -34,11 +34,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import distill
+import gan
 import unet
 from autoencoder import AEConfig, AutoEncoder, ae_loss, measure_scale_factor, psnr
-from data import SyntheticVideos, UserError, VideoFolder, write_video
-from evaluate import diagnostics
-from sample import cfg_scale, generate
+from data import StepBatches, SyntheticVideos, UserError, VideoFolder, write_video
+from evaluate import diagnostics, write_report
+from sample import cfg_scale, generate, load_ae, load_checkpoint, load_teacher
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Config:
     data: str = ""                  # a folder of videos; empty: the synthetic bouncing shapes
     frame_stride: int = 1           # folder videos: keep every n-th frame
     workers: int = 0                # data-loader processes (worth it for folder videos)
-    # autoencoder (autoencoder.py); sizes measured to reach 30 dB in minutes on 2 CPU cores
+    # autoencoder (autoencoder.py); ours: small enough to train in minutes on a CPU
     ae_channels: tuple = (16, 32, 64)
     ae_latent_channels: int = 4
     ae_kl_weight: float = 1e-6      # SD's first-stage kl_weight
@@ -60,38 +62,34 @@ class Config:
     unet: str = "tiny"              # VideoUNet preset in unet.py: tiny, small, svd
     unet_channels: int = 0          # overrides the preset's model_channels when > 0
     grad_checkpoint: bool = False   # gradient checkpointing per UNet block
-    teacher_steps: int = 1200       # about 14 min on 2 CPU cores
+    teacher_steps: int = 1200
     teacher_batch_size: int = 8
     teacher_lr: float = 5e-4
-    # ln sigma ~ N(p_mean, p_std). Our choice, measured: between EDM's image default (-1.2, 1.2) and
-    # SVD fine-tuning scripts' (0.7, 1.6) (REFERENCES.md); at equal budget (0, 1.2) gave first-frame
-    # PSNR 24.2 vs 23.7 dB and motion 1.34 vs 1.50 x real (tiny, 2,000 steps of batch 8, 32 channels)
+    # ln sigma ~ N(p_mean, p_std). Ours: between EDM's image default (-1.2, 1.2) and the SVD
+    # fine-tuning scripts' (0.7, 1.6)
     p_mean: float = 0.0
     p_std: float = 1.2
-    cond_drop: float = 0.1          # conditioning dropout so that CFG works (our choice, as SD's 0.1)
+    cond_drop: float = 0.1          # conditioning dropout so that CFG works (ours, as SD's 0.1)
     sigma_min: float = 0.002        # EDM and SVD
-    # The top noise level of every sampler and of the students' grid. EDM's 80 (SVD: 700) lies far outside
-    # what our teacher trains on (ln sigma ~ N(0, 1.2): 0.01% of draws above 80, 4% above 8). Measured on
-    # the tiny teacher, 25 Euler steps + CFG, 256 held-out clips: FVD-syn 18.7 at 80, 16.7 at 20, 16.2 at 8.
+    # the top noise level of every sampler and of the students' grid. Ours: EDM's 80 (SVD: 700) lies far
+    # outside what our teacher trains on (docs/experiments.md, "The top noise level")
     sigma_max: float = 8.0
     cfg_min: float = 1.0            # SVD's per-frame guidance ramp, first to last frame (svd.yaml: 1.0 -> 2.5)
     cfg_max: float = 2.5
     sample_steps: int = 25          # SVD: 25 steps
     # Stage 1, latent GAN pretraining (gan.py, discriminator.py); "ours" = not given by the paper
-    stage1_steps: int = 400         # the paper: 2K iterations; ours: 7.7 min on 2 CPU cores
+    stage1_steps: int = 400         # the paper: 2K iterations
     stage1_batch_size: int = 8      # the paper: 1 per GPU x 8 GPUs
     stage1_lr: float = 2e-4         # LoRA's Adam; the paper's 5e-6 is for SVD at 2K steps, far too slow here
     disc_lr: float = 2e-4           # ours
     lora_rank: int = 8              # ours; 0 = full fine-tuning (the paper's negative result)
-    lora_convs: bool = True         # LoRA on the convolutions too, not only attention (ours, measured)
+    lora_convs: bool = True         # LoRA on the convolutions too, not only attention (ours)
     grid_size: int = 100            # OSV: 100 timesteps
-    # Stage 1 draws t_n "from the grid" (the paper; the distribution is not given). Ours: half of each
-    # batch at the top level, where one-step sampling starts, half uniform. Measured (tiny, 400 steps,
-    # 200 held-out clips, FVD-syn at 1 step / 1 step + TTS): uniform 50.7 / 30.5, half at the top 42.6 / 26.9
+    # Stage 1's levels (gan.LGP.draw_levels; the paper: "from the grid"). Ours: half at the top level,
+    # where one-step sampling starts, half uniform (docs/experiments.md)
     stage1_top: float = 0.5
-    # Ours: only fakes from levels >= this meet D (G's adversarial term, D's fake side). Below sigma_data = 1 f's
-    # output is a reconstruction: D would be asked to call it fake and its real latent real. Measured as stage1_top,
-    # 1 step, seeds 0 / 1: 0 (the paper's form: every fake) 42.6 / 44.6; 1.0: 38.2 / 42.1; top only 37.5 / 41.2
+    # ours: only fakes from levels >= this meet the discriminator (gan.LGP.meets_disc); 0 is the paper's
+    # form, every fake (docs/experiments.md)
     adv_min_sigma: float = 1.0
     lambda_adv: float = 0.1         # OSV: the adversarial weight in both stages
     huber_c: float = 0.001          # OSV (from LCM): pseudo-Huber c
@@ -103,16 +101,14 @@ class Config:
     stage2_batch_size: int = 8      # the paper: 1 per GPU x 2 GPUs
     stage2_lr: float = 1e-4         # ours (the paper: 5e-6 at SVD scale)
     m: int = 5                      # OSV: the teacher walks 5 grid steps per target
-    # Stage 2's jumps (distill.jump_levels; the paper: n "from the grid"). Ours: half from the top level, a quarter
-    # from direct_sigma straight to the teacher's solution (m Euler steps all the way down), the rest uniform.
-    # Measured (tiny, 200 held-out clips, 1 step / TTS / 2 / 4 steps): uniform 35.57 / 23.36 / 23.01 / 18.20;
-    # half from the top 37.56 / 21.96 / 20.85 / 16.53; these defaults 34.02 / 21.05 / 20.88 / 15.66 (README)
+    # Stage 2's jumps (distill.jump_levels; the paper: n "from the grid"). Ours: half from the top level, a
+    # quarter from direct_sigma straight to the teacher's solution, the rest uniform (docs/experiments.md)
     stage2_top: float = 0.5
     stage2_direct: float = 0.25
     direct_sigma: float = 1.0
     teacher_cfg: str = "ramp"       # CFG in the teacher's steps: SVD's ramp cfg_min -> cfg_max, or a number
     target_decay: float = 0.95      # EMA of the target network (Song et al. 2023's fixed mu)
-    from_teacher: bool = False      # the ablation "no Stage 1": ACD from the teacher, LoRA and D from scratch
+    from_teacher: bool = False      # the ablation "no Stage 1": ACD from the teacher, LoRA and disc from scratch
     # the loop
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -146,70 +142,12 @@ class NonFiniteLoss(Exception):
     pass
 
 
-# ----------------------------------------------------------------------------------------------
-# Pieces of the loop
-
-class EMA:
-    """Exponential moving average of a network's weights; buffers are copied. The decay ramps up as
-    (1 + step) / (10 + step) so early averages are not dominated by the random initialisation."""
-
-    def __init__(self, model, decay, warmup=True):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = decay, warmup
-
-    @torch.no_grad()
-    def update(self, model, step):
-        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Item s is this rank's share of the batch of step s: clips s*B + rank*b ... (b = B / world)."""
-
-    def __init__(self, dataset, batch_size, rank, world):
-        self.dataset, self.B, self.b, self.rank = dataset, batch_size, batch_size // world, rank
-
-    def __getitem__(self, s):
-        first = s * self.B + self.rank * self.b
-        return self.dataset.batch(range(first, first + self.b))
-
-
-def step_seed(*xs):
-    return int(np.random.SeedSequence(list(xs)).generate_state(1)[0])
-
-
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)            # a crash mid-write never leaves a half-written checkpoint
-
-
-def load_checkpoint(path, stages, make=None):
-    """A finished checkpoint of one of `stages`, or a one-line error (naming `make`, the command that
-    makes the file, when it is missing)."""
-    stages = (stages,) if isinstance(stages, str) else tuple(stages)
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found" + (f": run `{make}` first" if make else ""))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
-    stage = ckpt.get("stage") if isinstance(ckpt, dict) else None
-    if stage not in stages:
-        raise UserError(f"{path} is a checkpoint of stage {stage!r}, not of {' or '.join(stages)}")
-    if not ckpt.get("done"):
-        raise UserError(f"{path} is unfinished (step {ckpt['step']}): finish it with "
-                        f"`python train.py --stage {stage} --out {os.path.dirname(path) or '.'} --resume`")
-    return ckpt
-
-
 @dataclass
 class Stage:
     """What a stage gives the loop. `step(nets, batch, update)` runs one training step: nets are the
-    (DDP-wrapped, compiled) versions of `models`; `update(loss, name)` backpropagates `loss` and steps
-    optimiser `name`. It returns a dict of scalar tensors to log, which must include "loss"."""
+    (DDP-wrapped, compiled) versions of `models`; `update(loss, name)` backpropagates `loss` alone into
+    optimiser `name`'s parameters and steps it. It returns a dict of scalar tensors to log, which must
+    include "loss"."""
     models: dict
     opts: dict
     step: object
@@ -227,13 +165,13 @@ def setup_ae(cfg, run):
     torch.manual_seed(cfg.seed)
     ae_cfg = AEConfig(channels=tuple(cfg.ae_channels), latent_channels=cfg.ae_latent_channels)
     model = AutoEncoder(ae_cfg).to(run.device)
-    ema = EMA(model, cfg.ema_decay)
+    ema = unet.EMA(model, cfg.ema_decay)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.ae_lr)
 
     def step(nets, batch, update):
         video = batch["video"]                                                     # (B, T, 3, H, W)
         B, T = video.shape[:2]
-        # one random frame per clip: many clips per batch beat many frames of few clips (measured)
+        # one random frame per clip: many clips per batch beat many frames of few clips
         x = video[torch.arange(B), torch.randint(T, (B,))][:, None]               # (B, 1, 3, H, W)
         out = ae_loss(nets["ae"], x, cfg.ae_kl_weight)
         update(out["loss"], "ae")
@@ -256,103 +194,97 @@ def setup_ae(cfg, run):
                  extra={"ae_config": dataclasses.asdict(ae_cfg)})
 
 
-def load_ae(run):
-    """The finished autoencoder of this run folder, frozen (EMA weights, with its scale_factor)."""
-    ck = load_checkpoint(os.path.join(run.out, "ae.pt"), "ae", f"python train.py --stage ae --out {run.out}")
-    ae = AutoEncoder(AEConfig(**ck["ae_config"]))
-    ae.load_state_dict(ck["ema"]["ae"])
-    return ae.to(run.device).eval().requires_grad_(False), ck["ae_config"]
+def finished(run, name):
+    """This run folder's finished autoencoder (frozen) or teacher (EMA weights), and its config dict."""
+    load = {"ae": load_ae, "teacher": load_teacher}[name]
+    return load(os.path.join(run.out, f"{name}.pt"), run.device, f"python train.py --stage {name} --out {run.out}")
 
 
 def setup_teacher(cfg, run):
-    ae, ae_config = load_ae(run)
+    ae, ae_config = finished(run, "ae")
     if cfg.unet not in unet.PRESETS:
         raise UserError(f"--unet must be one of {list(unet.PRESETS)}")
     ucfg = dataclasses.replace(unet.PRESETS[cfg.unet], checkpoint=cfg.grad_checkpoint,
                                model_channels=cfg.unet_channels or unet.PRESETS[cfg.unet].model_channels)
     torch.manual_seed(cfg.seed)
     D = unet.Denoiser(ucfg, ae_config["latent_channels"]).to(run.device)
-    ema = EMA(D, cfg.ema_decay)
+    ema = unet.EMA(D, cfg.ema_decay)
     opt = torch.optim.Adam(D.parameters(), lr=cfg.teacher_lr)
 
     def step(nets, batch, update):
-        x0, cond = latents_and_condition(ae, batch)
+        x0, cond = unet.latents_and_condition(ae, batch)
         B = len(x0)
         keep = (torch.rand(B, device=x0.device) >= cfg.cond_drop).float()         # conditioning dropout
         loss = unet.edm_loss(nets["denoiser"], x0, cond, cfg.p_mean, cfg.p_std, keep)
         update(loss, "denoiser")
         return {"loss": loss}
 
-    def videos(n, steps):
-        """n held-out clips and the EMA teacher's videos from their first frames (Euler, SVD's sampler and
-        the report's, with the CFG ramp)."""
-        b = run.eval_batch(n)
-        cond = unet.condition(ae, b["video"], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
-        z, _ = generate(ema.model, cond, cfg.num_frames, steps, cfg_scale(cfg.cfg_min, cfg.cfg_max, cfg.num_frames),
-                        "euler", cfg.sigma_min, cfg.sigma_max, seed=cfg.seed)
-        return b["video"], ae.decode_video(z).clamp(-1, 1)
-
-    def sample(path):
-        real, fake = videos(4, cfg.sample_steps)
-        write_video(path, torch.cat([real, fake]), fps=8, ncol=4)          # top: real; bottom: generated
-
-    def finish():
-        n = min(64, cfg.eval_clips)
-        real, fake = videos(n, cfg.sample_steps)
-        d = diagnostics(fake, real, real[:, 0])
-        if run.master:
-            print(f"teacher, {cfg.sample_steps} Euler steps with CFG {cfg.cfg_min}->{cfg.cfg_max} on {n} "
-                  f"{run.eval_name}: first-frame PSNR {d['first_frame_psnr']:.2f} dB, static-video rate "
-                  f"{d['static_rate']:.3f}, motion relative to real {d['motion_ratio']:.3f}")
-        return {"diagnostics": d}
-
+    label = f"teacher, {cfg.sample_steps} Euler steps with CFG {cfg.cfg_min}->{cfg.cfg_max}"
+    sample, finish = checks(label, ema.model, ae, run, cfg, cfg.sample_steps,
+                            cfg_scale(cfg.cfg_min, cfg.cfg_max, cfg.num_frames), "euler")
     return Stage({"denoiser": D}, {"denoiser": opt}, step, {"denoiser": ema}, sample, finish,
                  extra={"unet_config": dataclasses.asdict(ucfg), "ae_config": ae_config,
                         "ae_state": ae.state_dict()})
 
 
-def latents_and_condition(ae, batch):
-    """A training batch -> its latents x0 (B, T, c, h, w) and SVD's conditioning from its first frames,
-    with SVD's noise augmentation of the conditioning frame, cond_aug ~ LogNormal(-3, 0.5) (AnimateLCM).
-    Every diffusion stage (teacher, 1, 2) trains on this."""
-    video = batch["video"]                                                         # (B, T, 3, H, W)
-    x0 = ae.encode_video(video).float()
-    cond_aug = (torch.randn(len(video), device=video.device) * 0.5 - 3.0).exp()
-    return x0, unet.condition(ae, video, batch["fps"], batch["motion"], cond_aug)
+def checks(label, D, ae, run, cfg, steps, scale, sampler):
+    """sample(path) and finish() of a video model's stage: held-out clips above the model's videos
+    from their first frames (as the report samples them); the diagnostics on up to 64 of them."""
+    def videos(n):
+        b = run.eval_batch(n)
+        cond = unet.condition(ae, b["video"], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
+        z, _ = generate(D, cond, cfg.num_frames, steps, scale, sampler, cfg.sigma_min, cfg.sigma_max,
+                        seed=cfg.seed, grid_size=cfg.grid_size)
+        return b["video"], ae.decode_video(z).clamp(-1, 1)
+
+    def sample(path):
+        write_video(path, torch.cat(videos(4)), fps=8, ncol=4)          # top: real; bottom: generated
+
+    def finish():
+        n = min(64, cfg.eval_clips)
+        real, fake = videos(n)
+        d = diagnostics(fake, real, real[:, 0])
+        if run.master:
+            print(f"{label} on {n} {run.eval_name}: first-frame PSNR {d['first_frame_psnr']:.2f} dB, static-video "
+                  f"rate {d['static_rate']:.3f}, motion relative to real {d['motion_ratio']:.3f}")
+        return {"diagnostics": d}
+    return sample, finish
 
 
-def load_teacher(run):
-    """The finished teacher of this run folder (EMA weights) and its UNet config."""
-    ck = load_checkpoint(os.path.join(run.out, "teacher.pt"), "teacher",
-                         f"python train.py --stage teacher --out {run.out}")
-    D = unet.Denoiser(unet.UNetConfig(**ck["unet_config"]), ck["ae_config"]["latent_channels"])
-    D.load_state_dict(ck["ema"]["denoiser"])
-    return D.to(run.device), ck["unet_config"]
-
-
-def make_student(teacher, sigma_min, rank, convs):
-    """OSV's student: a copy of the teacher in the consistency parametrisation (f(x, sigma_min) = x),
-    LoRA-adapted (rank 0: every weight trains). Returns it and its trainable parameters."""
-    f = copy.deepcopy(teacher)
-    f.sigma_min = sigma_min
-    return f, unet.add_lora(f, rank, convs=convs)
+def student_stage(name, parts, ae, ae_config, ucfg, run, cfg, **extra):
+    """The Stage of a student (Stage 1 or 2) from the parts gan.py / distill.py return: one-step videos
+    of the EMA student, the end-of-stage check, and what loading the checkpoint needs."""
+    sample, finish = checks(f"{name}, 1 step (NFE 1)", parts["ema"]["student"].model, ae, run, cfg, 1, 1.0,
+                            "consistency")
+    return Stage(parts["models"], parts["opts"], parts["step"], parts["ema"], sample, finish, cosine=False,
+                 extra={"unet_config": ucfg, "ae_config": ae_config, "ae_state": ae.state_dict(),
+                        "sigma_min": cfg.sigma_min, **parts["extra"], **extra})
 
 
 def setup_stage1(cfg, run):
-    from gan import setup_stage1
-    return setup_stage1(cfg, run)
+    ae, ae_config = finished(run, "ae")
+    teacher, ucfg = finished(run, "teacher")
+    return student_stage("stage 1", gan.setup_stage1(cfg, ae, teacher, run.device), ae, ae_config, ucfg, run, cfg)
 
 
 def setup_stage2(cfg, run):
-    from distill import setup_stage2
-    return setup_stage2(cfg, run)
+    ae, ae_config = finished(run, "ae")
+    teacher, ucfg = finished(run, "teacher")
+    stage1, init = None, "teacher"
+    if not cfg.from_teacher:
+        path = ckpt_path(run, "1")
+        path = path if os.path.isfile(path) else ckpt_path(run, "1", tag="")     # a tag's own Stage 1, if any
+        stage1 = load_checkpoint(path, "1", f"python train.py --stage 1 --out {run.out}")
+        init = os.path.basename(path)
+    parts = distill.setup_stage2(cfg, ae, teacher, stage1, run.device)
+    return student_stage("stage 2", parts, ae, ae_config, ucfg, run, cfg, init=init)
 
 
 SETUP = {"ae": setup_ae, "teacher": setup_teacher, "1": setup_stage1, "2": setup_stage2}
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# The run: device, precision, distributed context, data, run folder
 
 class Run:
     """What every stage shares: device, precision, distributed context, data, run folder."""
@@ -419,49 +351,71 @@ def ckpt_path(run, name, tag=None):
     return os.path.join(run.out, PREFIX[name] + (f"_{tag}" if tag and name in ("1", "2") else "") + ".pt")
 
 
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def step_seed(*xs):
+    return int(np.random.SeedSequence(list(xs)).generate_state(1)[0])
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)            # a crash mid-write never leaves a half-written checkpoint
+
+
+def open_checkpoint(path, cfg, mode, steps):
+    """The checkpoint a stage continues from: None to start fresh, "kept" when --stage all finds it
+    finished. mode: "new" (refuses an existing checkpoint), "resume", "fresh" or "keep" (for --stage
+    all: keep a finished stage, resume an unfinished one). Resuming with another config is refused."""
+    if not os.path.isfile(path) or mode == "fresh":
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({e}); use --fresh to start over") from None
+    if mode == "new":
+        state = "finished" if ckpt.get("done") else "unfinished"
+        raise UserError(f"{path} exists (step {ckpt['step']}, {state}): pass --resume to continue "
+                        f"it or --fresh to start over")
+    if mode == "keep" and ckpt.get("done") and ckpt["step"] >= steps:
+        return "kept"
+    changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RUN_FIELDS and ckpt["config"].get(k) != v]
+    if changed:
+        k = changed[0]
+        raise UserError(f"cannot resume {path}: it was trained with {k}={ckpt['config'][k]}, "
+                        f"this run asks for {getattr(cfg, k)}; use --fresh to start over")
+    return ckpt
+
+
+def restore(spec, scaler, ckpt):
+    """Load a checkpoint's weights, EMAs, optimiser and scaler states into the stage; its step."""
+    for k, m in spec.models.items():
+        m.load_state_dict(ckpt["models"][k])
+    for k, e in spec.ema.items():
+        e.model.load_state_dict(ckpt["ema"][k])
+    for k, o in spec.opts.items():
+        o.load_state_dict(ckpt["opts"][k])
+    scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["step"]
+
+
 def train_stage(name, cfg, run, mode):
-    """Train one stage. mode: "new" (error if a checkpoint exists), "resume", "fresh" or "keep" (for
-    --stage all: skip a finished stage, resume an unfinished one)."""
-    prefix = PREFIX[name]
-    steps, B, lr = (getattr(cfg, f"{prefix}_{k}") for k in ("steps", "batch_size", "lr"))
+    """Train one stage (see `open_checkpoint` for mode)."""
+    steps, B, lr = (getattr(cfg, f"{PREFIX[name]}_{k}") for k in ("steps", "batch_size", "lr"))
     if B % run.world:
         raise UserError(f"batch size {B} does not split over {run.world} processes")
     path = ckpt_path(run, name)
-    ckpt = None
-    if os.path.isfile(path) and mode != "fresh":
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise UserError(f"cannot read checkpoint {path} ({e}); use --fresh to start over") from None
-        if mode == "new":
-            state = "finished" if ckpt.get("done") else "unfinished"
-            raise UserError(f"{path} exists (step {ckpt['step']}, {state}): pass --resume to continue "
-                            f"it or --fresh to start over")
-        if mode == "keep" and ckpt.get("done") and ckpt["step"] >= steps:
-            if run.master:
-                print(f"stage {name}: kept the finished {path}")
-            return
-        changed = [k for k, v in dataclasses.asdict(cfg).items()
-                   if k not in RUN_FIELDS and ckpt["config"].get(k) != v]
-        if changed:
-            k = changed[0]
-            raise UserError(f"cannot resume {path}: it was trained with {k}={ckpt['config'][k]}, "
-                            f"this run asks for {getattr(cfg, k)}; use --fresh to start over")
-
+    ckpt = open_checkpoint(path, cfg, mode, steps)
+    if ckpt == "kept":
+        if run.master:
+            print(f"stage {name}: kept the finished {path}")
+        return
     spec = SETUP[name](cfg, run)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.scaler_enabled)
-    start = 0
-    if ckpt is not None:
-        for k, m in spec.models.items():
-            m.load_state_dict(ckpt["models"][k])
-        for k, e in spec.ema.items():
-            e.model.load_state_dict(ckpt["ema"][k])
-        for k, o in spec.opts.items():
-            o.load_state_dict(ckpt["opts"][k])
-        scaler.load_state_dict(ckpt["scaler"])
-        start = ckpt["step"]
+    start = restore(spec, scaler, ckpt) if ckpt is not None else 0
     last_good = f"{path} (step {start})" if ckpt is not None else "none: no checkpoint was written yet"
-    for o in spec.opts.values():             # each optimiser keeps its own base rate (Stage 1: G and D)
+    for o in spec.opts.values():             # each optimiser keeps its own base rate (Stage 1: student and disc)
         for g in o.param_groups:
             g["initial_lr"] = g.get("initial_lr", g["lr"])
     nets = {}
@@ -478,13 +432,14 @@ def train_stage(name, cfg, run, mode):
         return warm * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
 
     def update(loss, k):
-        """Backward, unscale, clip, step: the same four lines for every optimiser of every stage."""
+        """Zero, backward, unscale, clip, step: the same lines for every optimiser of every stage. Zeroing
+        first drops what another loss left in these parameters (the generator's loss in disc's)."""
         opt = spec.opts[k]
+        opt.zero_grad(set_to_none=True)
         with torch.autocast(run.device.type, enabled=False):
             scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
         scaler.step(opt)
         opt.zero_grad(set_to_none=True)
         return gnorm
@@ -504,14 +459,12 @@ def train_stage(name, cfg, run, mode):
     if run.master:
         print(f"stage {name}: steps {start}..{steps}, batch {B} over {run.world} process(es), "
               f"{run.device} {run.ptdtype}, params "
-              + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"
-                          for k, m in spec.models.items()))
+              + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for k, m in spec.models.items()))
     loader = torch.utils.data.DataLoader(StepBatches(run.dataset, B, run.rank, run.world), batch_size=None,
                                          sampler=range(start, steps), num_workers=cfg.workers if cfg.data else 0,
                                          pin_memory=run.device.type == "cuda" and bool(cfg.data))
     sums, n, t0 = {}, 0, time.time()
-    with tqdm(total=steps, initial=start, desc=f"stage {name}", disable=not run.master,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=steps, initial=start, desc=f"stage {name}", disable=not run.master, dynamic_ncols=True) as bar:
         for step, batch in enumerate(loader, start):
             torch.manual_seed(step_seed(cfg.seed, run.rank, step))
             batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
@@ -523,28 +476,18 @@ def train_stage(name, cfg, run, mode):
             scaler.update()
             for k, e in spec.ema.items():
                 e.update(spec.models[k], step)
-
-            # every rank sees the mean over ranks, so all stop together on a non-finite loss
-            keys = sorted(stats)
-            vals = torch.stack([stats[k].detach().float() for k in keys])
-            if run.ddp:
-                dist.all_reduce(vals)
-                vals /= run.world
-            vals = dict(zip(keys, vals.tolist()))
+            vals = mean_over_ranks(stats, run)
             bad = [k for k, v in vals.items() if not math.isfinite(v)]
             if bad:
                 raise NonFiniteLoss(f"stage {name}: non-finite {bad[0]} ({vals[bad[0]]}) at step {step + 1}; "
                                     f"stopped. Last good checkpoint: {last_good}")
-            for k, v in vals.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
+            sums, n = {k: sums.get(k, 0.0) + v for k, v in vals.items()}, n + 1
             bar.update(1)
             done = step + 1
             if done % cfg.log_every == 0 or done == steps:
                 means = {k: v / n for k, v in sums.items()}
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
-                run.log({"stage": name, "step": done, **means, "lr": lr * lr_at(step),
-                         "it_s": n / (time.time() - t0)})
+                run.log({"stage": name, "step": done, **means, "lr": lr * lr_at(step), "it_s": n / (time.time() - t0)})
                 sums, n, t0 = {}, 0, time.time()
             if run.master and spec.sample and (done % cfg.sample_every == 0 or done == steps):
                 spec.sample(os.path.join(run.out, "samples", f"{name}_{done:06d}.mp4"))
@@ -558,6 +501,17 @@ def train_stage(name, cfg, run, mode):
     run.log({"stage": name, "event": "done", "step": max(start, steps), **results})
     if run.master:
         print(f"stage {name}: done, {path}")
+
+
+def mean_over_ranks(stats, run):
+    """The step's statistics as floats, averaged over ranks: every rank sees the same values, so all
+    stop together on a non-finite loss."""
+    keys = sorted(stats)
+    vals = torch.stack([stats[k].detach().float() for k in keys])
+    if run.ddp:
+        dist.all_reduce(vals)
+        vals /= run.world
+    return dict(zip(keys, vals.tolist()))
 
 
 @torch.no_grad()
@@ -615,7 +569,7 @@ def main(argv=None):
     warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
     args = parse(argv)
     stages = STAGES if args.stage == "all" else [args.stage]
-    cfg = make_config(args, [s for s in stages if s in SETUP])
+    cfg = make_config(args, stages)
     run = None
     try:
         if args.tag and not args.tag.replace("-", "").isalnum():
@@ -625,7 +579,6 @@ def main(argv=None):
         for s in stages:
             train_stage(s, cfg, run, mode)
         if args.stage == "all" and run.master and not cfg.data:
-            from evaluate import write_report              # here: evaluate.py's report imports sample.py
             write_report(args.out, cfg.report_clips, str(run.device), cfg.feature_steps)
         elif args.stage == "all" and run.master:
             print("report: the replication report measures against the synthetic test split; for a folder of "

@@ -2,8 +2,8 @@
 
 OSV distils SVD's image-to-video UNet (Blattmann et al. 2023, `sgm/modules/diffusionmodules/
 video_model.py` in Stability-AI/generative-models). We cannot download SVD, so this file rebuilds its
-architecture from the published structure (../shared/REFERENCES.md, "Stable Video Diffusion video
-UNet") and trains small ones (`python train.py --stage teacher`). `python unet.py --preset svd` builds
+architecture from the published structure (docs/paper.md, "The base model") and trains small ones
+(`python train.py --stage teacher`). `python unet.py --preset svd` builds
 the full-size network on the meta device and counts its parameters against the reference
 1,524,623,082: the check that this is SVD's architecture and not merely SVD-like.
 
@@ -11,8 +11,13 @@ Read first: `VideoResBlock` and `SpatialVideoTransformer` (how a 2-D image UNet 
 frames folded into the batch for spatial layers, space folded into the batch for temporal layers,
 the two blended by a learned alpha), then `Denoiser` (c_skip, c_out, c_in, c_noise) and `edm_loss`.
 Shapes: videos are (B, T, C, H, W) outside; inside the UNet frames are folded, (B*T, C, H, W).
+
+Beside the network live what every training stage shares about it: SVD's conditioning
+(`condition`, `latents_and_condition`), LoRA (how OSV adapts the teacher), the students'
+consistency parametrisation (`scalings(..., sigma_min)`, `make_student`) and the weight `EMA`.
 """
 import argparse
+import copy
 import math
 from dataclasses import dataclass
 
@@ -40,7 +45,7 @@ class UNetConfig:
 
 
 PRESETS = {
-    # our sizes, measured to train in minutes on a CPU (tiny) or an hour on a GPU (small)
+    # our sizes: minutes on a CPU (tiny), an hour on a GPU (small)
     "tiny": UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                        head_channels=32, context_dim=128, micro_dim=64),
     "small": UNetConfig(model_channels=128, channel_mult=(1, 2, 2), num_res_blocks=2,
@@ -482,6 +487,44 @@ def condition(ae, video, fps, motion, cond_aug):
     return {"concat": z_aug, "image": z, "micro": micro}
 
 
+def latents_and_condition(ae, batch):
+    """A training batch -> its latents x0 (B, T, c, h, w) and SVD's conditioning from its first frames,
+    with SVD's noise augmentation of the conditioning frame, cond_aug ~ LogNormal(-3, 0.5) (AnimateLCM).
+    Every diffusion stage (teacher, 1, 2) trains on this."""
+    video = batch["video"]                                                         # (B, T, 3, H, W)
+    x0 = ae.encode_video(video).float()
+    cond_aug = (torch.randn(len(video), device=video.device) * 0.5 - 3.0).exp()
+    return x0, condition(ae, video, batch["fps"], batch["motion"], cond_aug)
+
+
+# ----------------------------------------------------------------------------------------------
+# The students and the weight average
+
+def make_student(teacher, sigma_min, rank, convs):
+    """OSV's student: a copy of the teacher in the consistency parametrisation (f(x, sigma_min) = x),
+    LoRA-adapted (rank 0: every weight trains). Returns it and its trainable parameters."""
+    f = copy.deepcopy(teacher)
+    f.sigma_min = sigma_min
+    return f, add_lora(f, rank, convs=convs)
+
+
+class EMA:
+    """Exponential moving average of a network's weights; buffers are copied. With warmup the decay
+    ramps up as (1 + step) / (10 + step), so early averages are not dominated by the initialisation;
+    without it, it is fixed (Stage 2's target network theta-)."""
+
+    def __init__(self, model, decay, warmup=True):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup = decay, warmup
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
 def count_parameters(preset):
     with torch.device("meta"):
         unet = VideoUNet(PRESETS[preset])
@@ -490,8 +533,9 @@ def count_parameters(preset):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Count the parameters of a VideoUNet preset (built on the meta device).")
-    p.add_argument("--preset", default="svd", choices=list(PRESETS))
-    n = count_parameters(p.parse_args().preset)
-    print(f"VideoUNet {p.parse_args().preset}: {n:,} parameters")
-    if p.parse_args().preset == "svd":
+    p.add_argument("--preset", default="svd", choices=list(PRESETS), help="UNet size (default: %(default)s)")
+    preset = p.parse_args().preset
+    n = count_parameters(preset)
+    print(f"VideoUNet {preset}: {n:,} parameters")
+    if preset == "svd":
         print(f"reference SVD UNet: {SVD_REFERENCE_PARAMS:,}; ratio {n / SVD_REFERENCE_PARAMS:.6f}")

@@ -1,5 +1,5 @@
-"""Stage 2: the teacher's m-step solve, the distillation loss on a closed form, the target EMA, the Time
-Travel Sampler, and a smoke run."""
+"""distill.py: the teacher's m-step solve, the distillation loss on a closed form, the jump draw, what a
+Stage 2 step feeds the discriminator, CFG inside the teacher's solve, and a smoke run."""
 import json
 import os
 import shutil
@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
+import sample
 import train
-from conftest import FAST, MICRO
-from distill import acd_pair, jump_levels, teacher_solve
-from gan import pseudo_huber, sigma_grid
-from sample import consistency_sigmas, generate, karras_sigmas, sample_euler, sample_tts
+from distill import ACD, acd_pair, jump_levels, teacher_solve
+from gan import pseudo_huber
+from sample import cfg_scale, generate, karras_sigmas, sample_euler, sigma_grid
 
 S = 0.7            # Gaussian data x0 ~ N(0, S^2): every quantity below has a closed form
 SIGMA_MIN = 0.002
@@ -107,73 +107,107 @@ def test_jump_levels_top_direct_and_grid():
     assert all(walks_the_grid(grid, uniform[:, b], m) for b in range(B))
 
 
-def test_target_ema_update_math():
-    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    ema = train.EMA(a, 0.95, warmup=False)
-    before = [p.clone() for p in ema.model.parameters()]
-    ema.update(b, step=0)
-    for p0, p, q in zip(before, ema.model.parameters(), b.parameters()):
-        assert torch.allclose(p, 0.95 * p0 + 0.05 * q)
-    warm = train.EMA(a, 0.999)                     # the evaluation EMA ramps: step 0 uses (1 + 0) / (10 + 0)
-    warm.update(b, step=0)
-    w = next(warm.model.parameters())
-    assert torch.allclose(w, 0.1 * next(a.parameters()) + 0.9 * next(b.parameters()))
+@pytest.mark.xfail(strict=True, reason="round(share * B) is 0 at batch 1 (and 1 of 2 for a quarter at batch 2): "
+                   "the shares depend on the batch size; a per-sample draw is the one-GPU issue's")
+@pytest.mark.parametrize("B", [1, 2])
+def test_jump_shares_hold_at_small_batches(B):
+    grid = sigma_grid(100, SIGMA_MIN, 8.0)
+    torch.manual_seed(0)
+    starts = torch.cat([jump_levels(grid, 5, B, top_share=0.5, direct_share=0.25)[0] for _ in range(2000 // B)])
+    assert abs((starts == grid[-1]).float().mean() - 0.5) < 0.05          # from the top
+    assert abs((starts == 1.0).float().mean() - 0.25) < 0.05               # direct from sigma = 1
 
 
-def test_time_travel_sampler_calls_and_determinism():
-    calls = []
+class Recorder:
+    """A discriminator stand-in that records its inputs and returns one logit per clip."""
 
-    def f(x, sigma):
-        calls.append(float(sigma.reshape(-1)[0]))
-        return f_exact(x, sigma.reshape(-1).expand(len(x)))
-    x = torch.randn(2, 4, 2, 3, 3) * 80
-    out1, n1 = sample_tts(f, x, torch.tensor(80.0), torch.tensor(2.5), torch.Generator().manual_seed(5))
-    out2, n2 = sample_tts(f, x, torch.tensor(80.0), torch.tensor(2.5), torch.Generator().manual_seed(5))
-    assert n1 == n2 == 2 and len(calls) == 4 and calls[:2] == [80.0, 2.5]
-    assert torch.equal(out1, out2)
-    out3, _ = sample_tts(f, x, torch.tensor(80.0), torch.tensor(2.5), torch.Generator().manual_seed(6))
-    assert not torch.equal(out1, out3)
+    def __init__(self):
+        self.inputs = []
+
+    def __call__(self, z):
+        self.inputs.append(z)
+        return [z.mean((1, 2, 3, 4))]
 
 
-def test_consistency_levels_come_from_the_grid():
-    grid = sigma_grid(100, SIGMA_MIN, 80.0)
-    s = consistency_sigmas(4, grid)
-    assert len(s) == 5 and s[0] == grid[-1] and s[-1] == 0 and all(x in grid for x in s[:-1])
-    assert torch.all(s[1:] < s[:-1])
+def teacher_with_cond(x, sigma, cond, keep=None):
+    """A conditioned toy teacher: the exact denoiser plus the conditioning's offset, zeroed by keep = 0
+    (SVD's unconditional branch), so classifier-free guidance visibly moves its predictions."""
+    keep = torch.ones(len(x)) if keep is None else keep
+    return D_exact(x, sigma) + (keep * cond["offset"]).view(-1, 1, 1, 1, 1)
 
 
-def test_stage2_smoke_run_and_samplers(tiny_run, tmp_path, capsys):
+def run_acd_step(scale, m=5, B=4):
+    """One ACD step with stand-ins; returns what it fed the discriminator and the same quantities by hand."""
+    grid = sigma_grid(100, SIGMA_MIN, 8.0)
+    w = torch.ones((), requires_grad=True)
+    f = lambda x, s, cond: f_exact(x, s) * w                   # noqa: E731  the student, with a graph
+    f_target = lambda x, s, cond: x + 0.5                      # noqa: E731  the target, told apart from f
+    cond = {"offset": torch.linspace(0.1, 0.4, B)}
+    x0 = torch.randn(B, 8, 2, 3, 3)
+    disc = Recorder()
+    torch.manual_seed(3)
+    ACD(grid, m, scale).step(f, f_target, teacher_with_cond, disc, x0, cond, lambda loss, name: None)
+    torch.manual_seed(3)                                       # the same draws, by hand
+    levels = jump_levels(grid, m, B)
+    x = x0 + levels[0].view(-1, 1, 1, 1, 1) * torch.randn_like(x0)
+    w_frames = scale if torch.is_tensor(scale) else torch.tensor(scale)
+    D_cfg = lambda x, s: D_exact(x, s) + w_frames * cond["offset"].view(-1, 1, 1, 1, 1)   # noqa: E731  D_u + w (D_c - D_u)
+    target = teacher_solve(D_cfg, x, levels) + 0.5
+    return disc.inputs, f_exact(x, levels[0]), target, levels
+
+
+def test_acd_step_feeds_disc_the_target_as_real_and_the_detached_student_as_fake():
+    (g_in, d_in), student, target, _ = run_acd_step(1.0)
+    B = len(student)
+    assert g_in.requires_grad and torch.allclose(g_in, student)                # generator's term: the student
+    assert not d_in.requires_grad                                              # disc's update: nothing to f
+    assert torch.allclose(d_in[:B], target, atol=1e-5)                         # "real" = the target's output
+    assert torch.allclose(d_in[B:], student)                                   # "fake" = the student, detached
+
+
+@pytest.mark.parametrize("scale", [2.5, cfg_scale(1.0, 2.5, 8)])
+def test_teacher_solve_inside_the_step_uses_cfg(scale):
+    (_, d_in), _, target, levels = run_acd_step(scale)
+    B = len(target)
+    assert torch.allclose(d_in[:B], target, atol=1e-5)                         # guided steps, per frame for a ramp
+    (_, unguided), _, _, _ = run_acd_step(1.0)
+    assert (d_in[:B] - unguided[:B]).abs().max() > 1e-2                        # and guidance moved the target
+
+
+def test_stage2_smoke_run_and_samplers(tiny_run, tmp_path, capsys, fast_args, micro_args):
     out = str(tmp_path / "r")
     shutil.copytree(tiny_run, out)
-    assert train.main(["--stage", "1", "--steps", "2", "--out", out, *MICRO, *FAST]) == 0
-    assert train.main(["--stage", "2", "--steps", "3", "--out", out, *MICRO, *FAST]) == 0
+    assert train.main(["--stage", "1", "--steps", "2", "--out", out, *micro_args, *fast_args]) == 0
+    assert train.main(["--stage", "2", "--steps", "3", "--out", out, *micro_args, *fast_args]) == 0
     recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     recs = [r for r in recs if r.get("stage") == "2" and "loss" in r]
     assert len(recs) == 3 and all(torch.isfinite(torch.tensor([r[k] for k in ("loss", "distill", "adv_g", "loss_d")])).all()
                                   for r in recs)
     ck = torch.load(os.path.join(out, "stage2.pt"), weights_only=False)
     assert set(ck["models"]) == {"student", "disc"} and set(ck["ema"]) == {"student"} and ck["init"] == "stage1.pt"
-    from sample import load_model, main as sample_main
-    f, ae, cfg, stage = load_model(os.path.join(out, "stage2.pt"))
+    f, ae, cfg, stage = sample.load_model(os.path.join(out, "stage2.pt"))
     b = {"concat": torch.randn(2, 4, 8, 8), "image": torch.randn(2, 4, 8, 8), "micro": torch.ones(2, 3)}
     for sampler, steps, nfe in (("consistency", 1, 1), ("tts", 1, 2), ("consistency", 2, 2), ("consistency", 4, 4)):
         assert generate(f, b, 8, steps, 1.0, sampler)[1] == nfe
     capsys.readouterr()
-    assert sample_main(["--ckpt", os.path.join(out, "stage2.pt"), "--index", "1", "--steps", "1", "--tts",
+    assert sample.main(["--ckpt", os.path.join(out, "stage2.pt"), "--index", "1", "--steps", "1", "--tts",
                         "--out", str(tmp_path / "v.mp4")]) == 0
     assert "2: 1 steps, 2 NFE" in capsys.readouterr().out
     # the ablation flags each run as one command, beside the main run
-    assert train.main(["--stage", "2", "--steps", "1", "--out", out, "--tag", "m1", "--m", "1", *MICRO, *FAST]) == 0
-    assert train.main(["--stage", "2", "--steps", "1", "--out", out, "--tag", "nos1", "--from-teacher", *MICRO, *FAST]) == 0
+    assert train.main(["--stage", "2", "--steps", "1", "--out", out, "--tag", "m1", "--m", "1", *micro_args,
+                       *fast_args]) == 0
+    assert train.main(["--stage", "2", "--steps", "1", "--out", out, "--tag", "nos1", "--from-teacher", *micro_args,
+                       *fast_args]) == 0
     assert os.path.isfile(os.path.join(out, "stage2_m1.pt")) and os.path.isfile(os.path.join(out, "stage2_nos1.pt"))
     assert torch.load(os.path.join(out, "stage2_nos1.pt"), weights_only=False)["init"] == "teacher"
 
 
 @pytest.mark.parametrize("bad", [["--m", "0"], ["--teacher-cfg", "strong"], ["--stage2-top", "0.8"],
                                  ["--direct-sigma", "100"]])
-def test_stage2_bad_flags(tiny_run, tmp_path, bad, capsys):
+def test_stage2_bad_flags(tiny_run, tmp_path, bad, capsys, fast_args, micro_args):
     out = str(tmp_path / "r")
     shutil.copytree(tiny_run, out)
-    assert train.main(["--stage", "2", "--steps", "1", "--out", out, "--from-teacher", *bad, *MICRO, *FAST]) == 2
+    assert train.main(["--stage", "2", "--steps", "1", "--out", out, "--from-teacher", *bad, *micro_args,
+                       *fast_args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1

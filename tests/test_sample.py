@@ -1,12 +1,17 @@
-"""sample.py: noise levels, Euler and Heun against the exact PF-ODE solution for Gaussian data, CFG, CLI."""
+"""sample.py: noise levels, Euler and Heun against the exact PF-ODE solution for Gaussian data, CFG, the
+consistency samplers (k steps, the Time Travel Sampler's exact arithmetic), reading checkpoints, the CLI."""
 import math
 import os
 
+import av
+import numpy as np
 import pytest
 import torch
 
 import sample
-from sample import cfg_scale, guided, karras_sigmas, sample_euler, sample_heun
+import unet
+from sample import (cfg_scale, consistency_sigmas, generate, guided, karras_sigmas, sample_euler, sample_heun,
+                    sample_tts, sigma_grid)
 
 
 def test_karras_sigmas():
@@ -17,6 +22,16 @@ def test_karras_sigmas():
     # evenly spaced in sigma^(1/rho)
     r = s[:-1] ** (1 / 7)
     assert torch.allclose(r[1:] - r[:-1], (r[1] - r[0]).expand(9), atol=1e-9)
+
+
+def test_sigma_grid_and_consistency_levels():
+    g = sigma_grid(100, 0.002, 80.0)
+    assert g.shape == (100,) and torch.all(g[1:] > g[:-1])
+    assert abs(g[0].item() - 0.002) < 1e-8 and abs(g[-1].item() - 80.0) < 1e-4
+    assert torch.allclose(g.double(), karras_sigmas(100, 0.002, 80.0)[:-1].flip(0), rtol=1e-6)
+    s = consistency_sigmas(4, g)
+    assert len(s) == 5 and s[0] == g[-1] and s[-1] == 0 and all(x in g for x in s[:-1])
+    assert torch.all(s[1:] < s[:-1])
 
 
 class Gaussian:
@@ -90,8 +105,6 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_cli_generates_from_a_test_clip_and_an_image(tiny_run, tmp_path, capsys):
-    import av
-    import numpy as np
     ckpt = os.path.join(tiny_run, "teacher.pt")
     out = str(tmp_path / "grid.gif")
     assert sample.main(["--ckpt", ckpt, "--index", "3", "--steps", "2", "--num", "2", "--out", out]) == 0
@@ -109,3 +122,47 @@ def test_cli_generates_from_a_test_clip_and_an_image(tiny_run, tmp_path, capsys)
     assert "resized" in printed and "1 steps, 1 NFE" in printed
     assert sample.main(["--ckpt", ckpt, "--image", str(tmp_path / "missing.png"), "--out", out]) == 2
     assert "image not found" in capsys.readouterr().err
+
+
+def micro_student():
+    torch.manual_seed(0)
+    cfg = unet.UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                          head_channels=8, context_dim=16, micro_dim=8)
+    f, _ = unet.make_student(unet.Denoiser(cfg, 4).eval(), 0.002, 4, True)
+    return f
+
+
+def test_consistency_sampler_counts_calls():
+    f = micro_student()
+    cond = {"concat": torch.randn(2, 4, 8, 8), "image": torch.randn(2, 4, 8, 8),
+            "micro": torch.tensor([[12.0, 5.0, 0.02]]).repeat(2, 1)}
+    z1, nfe1 = generate(f, cond, 8, 1, 1.0, "consistency", seed=3)
+    z1b, _ = generate(f, cond, 8, 1, 1.0, "consistency", seed=3)
+    assert nfe1 == 1 and torch.equal(z1, z1b)
+    with torch.no_grad():       # one step = f(sigma_max z, sigma_max), z drawn as generate draws it
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(2, 8, 4, 8, 8, generator=g) * 80.0
+        assert torch.allclose(z1, f(x, torch.full((2,), 80.0), cond), atol=1e-5)
+    assert generate(f, cond, 8, 4, 1.0, "consistency")[1] == 4
+
+
+def test_time_travel_sampler_exact_arithmetic():
+    """Pinned on a known nonlinear f: f_A = f(x, T); e_A = (x - f_A) / T; x_s = f_A + s (e_0 + e_A) / sqrt(2)
+    with e_0 the generator's next normal draw; the result is f(x_s, s). Any other two-call sampler (the
+    text's / 2, fresh noise alone, re-reading the raw output at T) gives other numbers."""
+    calls = []
+
+    def f(x, sigma):
+        calls.append(float(sigma))
+        return torch.tanh(x / (1 + sigma)) + 0.1 * sigma * x
+
+    x = torch.randn(2, 4, 2, 3, 3, dtype=torch.float64) * 8
+    T, s = torch.tensor(8.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    out, n = sample_tts(f, x, T, s, torch.Generator().manual_seed(5))
+    assert n == 2 and calls == [8.0, 0.5]
+    e_0 = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).double()
+    f_A = torch.tanh(x / 9) + 0.8 * x
+    x_s = f_A + 0.5 * (e_0 + (x - f_A) / 8) / math.sqrt(2)
+    assert torch.allclose(out, torch.tanh(x_s / 1.5) + 0.05 * x_s, rtol=0, atol=1e-12)
+    other, _ = sample_tts(f, x, T, s, torch.Generator().manual_seed(6))
+    assert (other - out).abs().max() > 1e-3                       # the fresh noise enters the result

@@ -8,8 +8,11 @@ import sys
 import pytest
 import torch
 
+import evaluate
+import sample
 import train
-from conftest import FAST, MICRO, ROOT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def losses(out, stage="ae"):
@@ -34,9 +37,9 @@ def interrupt_at(monkeypatch, call, exc):
     monkeypatch.setattr(train, "ae_loss", patched)
 
 
-def test_exact_resume(tmp_path, monkeypatch):
+def test_exact_resume(tmp_path, monkeypatch, fast_args):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    args = ["--stage", "ae", "--steps", "8", "--ckpt-every", "4", *FAST]
+    args = ["--stage", "ae", "--steps", "8", "--ckpt-every", "4", *fast_args]
     assert train.main([*args, "--out", a]) == 0
     interrupt_at(monkeypatch, 6, KeyboardInterrupt())       # dies during step 6, after the step-4 save
     with pytest.raises(KeyboardInterrupt):
@@ -56,10 +59,10 @@ def test_exact_resume(tmp_path, monkeypatch):
     assert ca["psnr"] == pytest.approx(cb["psnr"], abs=1e-3) and ca["done"] and cb["done"]
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys, fast_args):
     out = str(tmp_path / "r")
     interrupt_at(monkeypatch, 6, None)                      # NaN at step 6
-    assert train.main(["--stage", "ae", "--steps", "10", "--ckpt-every", "2", "--out", out, *FAST]) == 1
+    assert train.main(["--stage", "ae", "--steps", "10", "--ckpt-every", "2", "--out", out, *fast_args]) == 1
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "step 6" in err and "ae.pt (step 4)" in err
     ckpt = torch.load(os.path.join(out, "ae.pt"), weights_only=False)
@@ -67,28 +70,28 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
     assert all(torch.isfinite(v).all() for v in ckpt["models"]["ae"].values())
 
 
-def test_errors_are_one_line(tmp_path, capsys):
+def test_errors_are_one_line(tmp_path, capsys, fast_args):
     out = str(tmp_path / "r")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert train.main(["--stage", "ae", "--data", str(empty), "--out", out]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no usable video in") and str(empty) in err and "\n" not in err
-    assert train.main(["--stage", "ae", "--steps", "2", "--out", out, *FAST]) == 0
+    assert train.main(["--stage", "ae", "--steps", "2", "--out", out, *fast_args]) == 0
     capsys.readouterr()
     # resuming with another architecture is refused with the field named
-    assert train.main(["--stage", "ae", "--steps", "3", "--out", out, "--resume", "--ae-channels", "8,8", *FAST]) == 2
+    assert train.main(["--stage", "ae", "--steps", "3", "--out", out, "--resume", "--ae-channels", "8,8", *fast_args]) == 2
     assert "ae_channels" in capsys.readouterr().err
     with pytest.raises(train.UserError, match="run `python train.py --stage ae`"):
-        train.load_checkpoint(os.path.join(out, "nothing.pt"), "ae", "python train.py --stage ae")
+        sample.load_checkpoint(os.path.join(out, "nothing.pt"), "ae", "python train.py --stage ae")
 
 
-def test_stage_all_end_to_end_and_kept(tmp_path, capsys):
+def test_stage_all_end_to_end_and_kept(tmp_path, capsys, fast_args, micro_args):
     """--stage all on a micro preset: ae, teacher, stage 1, stage 2, then the report; a second call keeps
     every finished stage and only rewrites the report."""
     out = str(tmp_path / "r")
     args = ["--stage", "all", "--steps", "2", "--out", out, "--report-clips", "6", "--feature-steps", "5",
-            *MICRO, *FAST]
+            *micro_args, *fast_args]
     assert train.main(args) == 0
     for name in ("ae.pt", "teacher.pt", "stage1.pt", "stage2.pt", "report.md", "report_grid.gif"):
         assert os.path.isfile(os.path.join(out, name)), name
@@ -101,26 +104,38 @@ def test_stage_all_end_to_end_and_kept(tmp_path, capsys):
     assert train.main(args) == 0
     printed = capsys.readouterr().out
     assert printed.count("kept the finished") == 4 and "Table 2: ablations" in printed
+    # evaluate.py --run measures a sampler's level on chosen checkpoints, into a report of its own name
+    report = open(os.path.join(out, "report.md")).read()
+    assert evaluate.main(["--run", out, "--num", "6", "--feature-steps", "5", "--models", "stage2.pt",
+                          "--max-steps", "1", "--tts-sigma", "2.0", "--name", "tts2"]) == 0
+    tts = open(os.path.join(out, "tts2.md")).read()
+    assert "TTS level s = 2.0" in tts and "teacher" not in tts.split("## Table 1")[1]
+    quality = lambda text: next(x for x in text.splitlines() if x.startswith("| OSV + TTS |")).split("|")[4:6]  # noqa
+    assert quality(tts) != quality(report)                         # another level s: another FVD-syn and PSNR
+    assert open(os.path.join(out, "report.md")).read() == report   # the main report is untouched
 
 
-def test_bfloat16_autocast_on_cpu(tmp_path):
+def test_bfloat16_autocast_on_cpu(tmp_path, fast_args):
     out = str(tmp_path / "r")
-    assert train.main(["--stage", "ae", "--steps", "3", "--dtype", "bfloat16", "--out", out, *FAST]) == 0
+    assert train.main(["--stage", "ae", "--steps", "3", "--dtype", "bfloat16", "--out", out, *fast_args]) == 0
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in losses(out).values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_cuda_mixed_precision(tmp_path, dtype):
+def test_cuda_mixed_precision(tmp_path, dtype, fast_args):
     out = str(tmp_path / dtype)
     assert train.main(["--stage", "ae", "--steps", "20", "--dtype", dtype, "--device", "cuda", "--out", out,
-                       *FAST]) == 0
+                       *fast_args]) == 0
     ckpt = torch.load(os.path.join(out, "ae.pt"), weights_only=False)
-    assert ckpt["scaler"].get("scale", 1.0) > 0 if dtype == "float16" else True
+    if dtype == "float16":                         # fp16 trains with a GradScaler, bf16 without one
+        assert ckpt["scaler"]["scale"] > 0 and ckpt["scaler"]["_growth_tracker"] >= 0
+    else:
+        assert ckpt["scaler"] == {}
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in losses(out).values())
 
 
-def test_ddp_two_processes_on_cpu(tmp_path):
+def test_ddp_two_processes_on_cpu(tmp_path, fast_args):
     out = str(tmp_path / "ddp")
     with socket.socket() as s:                     # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
@@ -128,7 +143,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            os.path.join(ROOT, "train.py"), "--stage", "ae", "--steps", "4", "--device", "cpu",
-           "--out", out, *FAST]
+           "--out", out, *fast_args]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "over 2 process(es)" in p.stdout
