@@ -5,7 +5,8 @@ paper takes SVD's pretrained VAE as given; we train a small one (`python train.p
 the recipe of Stable Diffusion's first stage, minus its perceptual and GAN terms: a reconstruction
 loss plus a KL term with a tiny weight, so the latent space is smooth but the reconstructions sharp.
 
-Read first: `AutoEncoder.encode_video` / `decode_video` (what every later stage calls) and `ae_loss`.
+Read first: `AutoEncoder.encode_video` / `decode_video` (what every later stage calls), `condition` (how
+the first frame conditions the video model) and `ae_loss`.
 Frames are encoded independently, folded into the batch: `(B, T, C, H, W) -> (B*T, C, H, W)`.
 Latents are divided by `scale_factor`, measured on data after training so that they have about unit
 standard deviation (SD writes its 0.18215 as a multiplier, ours divides).
@@ -105,6 +106,20 @@ class AutoEncoder(nn.Module):
         frames = rearrange(video, "b t c h w -> (b t) c h w")
         z = torch.cat([self.posterior(f)[0] for f in frames.split(chunk)])            # (B*T, c, h, w)
         return rearrange(z / self.scale_factor, "(b t) c h w -> b t c h w", b=B)
+
+    @torch.no_grad()
+    def condition(self, frame, fps, motion, cond_aug, noise=None):
+        """SVD's conditioning from first frames (B, 3, H, W) in pixels, with our conventions: the frame
+        plus cond_aug Gaussian noise in pixel space, encoded ("concat"); the clean frame, encoded
+        ("image", for the denoiser's learned embedding); and the micro-conditions [fps, motion,
+        cond_aug]. Latents are scaled like every latent here (SVD leaves its concat latent unscaled;
+        with unit-std latents we keep one convention), fps is passed as is (SVD: fps - 1). svd.py holds
+        the real SVD's own conventions. noise: the augmentation's unit noise (default: drawn)."""
+        noise = torch.randn_like(frame) if noise is None else noise
+        z_aug = self.encode_video((frame + cond_aug.view(-1, 1, 1, 1) * noise)[:, None])[:, 0]
+        z = self.encode_video(frame[:, None])[:, 0]
+        micro = torch.stack([fps.float(), motion.float(), cond_aug.float()], 1)
+        return {"concat": z_aug, "image": z, "micro": micro}
 
     @torch.no_grad()
     def decode_video(self, z, chunk=64):

@@ -12,6 +12,7 @@ pixels) and `bounce` (the closed-form physics). Conventions: videos are `(T, 3, 
 index, which is what makes training runs resumable on the same trajectory (see train.py).
 """
 import argparse
+import importlib
 import json
 import math
 import os
@@ -26,6 +27,16 @@ import torch.nn.functional as F
 
 class UserError(Exception):
     """A mistake in the user's input (a missing file, a folder without videos). Printed as one line."""
+
+
+def optional(name):
+    """Import a package that only the real-SVD path needs (diffusers, transformers, safetensors), or a
+    one-line error that says how to install them."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"the real-SVD path needs {name.split('.')[0]}: "
+                        f"pip install -r requirements-svd.txt") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,18 +158,19 @@ class SyntheticVideos:
 # Resizing shared by video frames and images
 
 def _fit(w, h, size):
-    """Scaled (w, h) whose short side is `size`."""
-    s = size / min(w, h)
-    return max(size, round(w * s)), max(size, round(h * s))
+    """Scaled (w, h) that covers size = (H, W) with the least scaling (the short side for a square)."""
+    s = max(size[0] / h, size[1] / w)
+    return max(size[1], round(w * s)), max(size[0], round(h * s))
 
 
 def _frame_to_array(frame, size):
-    """A decoded PyAV frame -> uint8 (size, size, 3) RGB: resize the short side, centre crop. PyAV's
-    rgb24 conversion turns grayscale into RGB and drops an alpha channel."""
-    w, h = _fit(frame.width, frame.height, size)
+    """A decoded PyAV frame -> uint8 (H, W, 3) RGB for size = S (square) or (H, W): resize to cover,
+    centre crop. PyAV's rgb24 conversion turns grayscale into RGB and drops an alpha channel."""
+    H, W = (size, size) if isinstance(size, int) else size
+    w, h = _fit(frame.width, frame.height, (H, W))
     a = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA")   # (h, w, 3)
-    y, x = (h - size) // 2, (w - size) // 2
-    return a[y:y + size, x:x + size]
+    y, x = (h - H) // 2, (w - W) // 2
+    return a[y:y + H, x:x + W]
 
 
 def _to_tensor(frames):
@@ -167,7 +179,8 @@ def _to_tensor(frames):
 
 
 def load_image(path, size):
-    """The conditioning frame: PNG or JPEG (anything FFmpeg reads) -> (3, size, size) in [-1, 1]."""
+    """The conditioning frame: PNG or JPEG (anything FFmpeg reads) -> (3, H, W) in [-1, 1], size = S
+    (square) or (H, W)."""
     if not os.path.isfile(path):
         raise UserError(f"image not found: {path}")
     try:
@@ -175,8 +188,9 @@ def load_image(path, size):
             frame = next(c.decode(video=0))
     except (av.FFmpegError, StopIteration, IndexError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
-    if (frame.width, frame.height) != (size, size):
-        print(f"note: {path} is {frame.width}x{frame.height}; resized and centre-cropped to {size}x{size}")
+    H, W = (size, size) if isinstance(size, int) else size
+    if (frame.height, frame.width) != (H, W):
+        print(f"note: {path} is {frame.width}x{frame.height}; resized and centre-cropped to {W}x{H}")
     return _to_tensor(_frame_to_array(frame, size))
 
 
@@ -304,6 +318,18 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, s):
         first = s * self.B + self.rank * self.b
         return self.dataset.batch(range(first, first + self.b))
+
+
+class FixedMotion:
+    """A dataset whose clips all carry one motion micro-condition (SVD's motion bucket id, for clips whose
+    own motion score is not on SVD's scale)."""
+
+    def __init__(self, dataset, value):
+        self.dataset, self.value = dataset, float(value)
+
+    def batch(self, indices):
+        b = self.dataset.batch(indices)
+        return {**b, "motion": torch.full_like(b["motion"], self.value)}
 
 
 def _atomic_json(path, obj):

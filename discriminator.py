@@ -18,6 +18,7 @@ randomly initialised ViT). Which is the default is a measurement (docs/experimen
 """
 import argparse
 import math
+import os
 import time
 from contextlib import nullcontext
 
@@ -28,7 +29,7 @@ from einops import rearrange
 from torch.profiler import ProfilerActivity, profile
 
 from autoencoder import AEConfig, AutoEncoder
-from data import UserError
+from data import UserError, optional
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,19 +106,42 @@ class DINOv2Backbone(nn.Module):
         return list(self.model.get_intermediate_layers((x - self.mean) / self.std, n=self.layers, reshape=True))
 
 
-def load_dinov2(name="dinov2_vits14"):
-    """DINOv2 from torch.hub: the hub cache, or a download when the network allows. A one-line error
-    otherwise (this project's machines have no network)."""
+class TransformersDINOv2(nn.Module):
+    """transformers' Dinov2Model with the torch.hub model's `get_intermediate_layers(x, n, reshape=True)`:
+    the final LayerNorm applied to the output of blocks n (hidden state k + 1 is block k's), the CLS
+    token dropped, the patch tokens back on their grid (B, D, H/p, W/p)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.embed_dim, self.patch_size = model.config.hidden_size, model.config.patch_size
+        self.blocks = model.encoder.layer
+
+    def get_intermediate_layers(self, x, n, reshape=True):
+        states = self.model(pixel_values=x, output_hidden_states=True).hidden_states
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return tuple(rearrange(self.model.layernorm(states[k + 1])[:, 1:], "b (h w) d -> b d h w", h=h, w=w)
+                     for k in n)
+
+
+def load_dinov2(name="dinov2_vits14", path=""):
+    """DINOv2 from a local transformers folder (`path`, a Dinov2Model's save_pretrained, e.g. a download
+    of facebook/dinov2-small), else from torch.hub: its cache, or a download when the network allows.
+    A one-line error otherwise (this project's machines have no network)."""
+    if path:
+        if not os.path.isdir(path):
+            raise UserError(f"--dinov2 {path}: not a folder")
+        return TransformersDINOv2(optional("transformers").Dinov2Model.from_pretrained(path))
     try:
         return torch.hub.load("facebookresearch/dinov2", name, trust_repo=True, verbose=False)
     except Exception as e:
-        raise UserError(f"DINOv2 ({name}) is not available ({type(e).__name__}); get it once with "
-                        f"`python -c \"import torch; torch.hub.load('facebookresearch/dinov2', '{name}')\"` on a "
-                        f"machine with network (it is cached in {torch.hub.get_dir()}), or use "
-                        f"--disc-backbone ae or vit") from None
+        raise UserError(f"DINOv2 ({name}) is not available ({type(e).__name__}); give a local transformers folder "
+                        f"with --dinov2 PATH, or get it once with `python -c \"import torch; torch.hub.load("
+                        f"'facebookresearch/dinov2', '{name}')\"` on a machine with network (it is cached in "
+                        f"{torch.hub.get_dir()}), or use --disc-backbone ae or vit") from None
 
 
-def make_backbone(name, ae):
+def make_backbone(name, ae, dinov2=""):
     if name == "ae":
         return AEEncoderBackbone(ae)
     if name == "vit":
@@ -127,7 +151,7 @@ def make_backbone(name, ae):
         torch.random.set_rng_state(g)
         return net
     if name == "dinov2":
-        return DINOv2Backbone(load_dinov2())
+        return DINOv2Backbone(load_dinov2(path=dinov2))
     raise UserError(f"--disc-backbone must be ae, vit or dinov2, not {name!r}")
 
 
@@ -154,10 +178,12 @@ class Discriminator(nn.Module):
     temporal). input="latent": OSV's upsampler, no decoding; input="decoded": the autoencoder's decoder
     (frozen, but differentiable, so the generator gets its gradient) and full-resolution pixels."""
 
-    def __init__(self, ae, backbone="ae", input="latent", r=None, c_hat=3, width=64):
+    def __init__(self, ae, backbone="ae", input="latent", r=None, c_hat=3, width=64, dinov2=""):
         super().__init__()
         if input not in ("latent", "decoded"):
             raise UserError(f"--disc-input must be latent or decoded, not {input!r}")
+        if not isinstance(ae, AutoEncoder) and (input == "decoded" or backbone == "ae"):
+            raise UserError("--disc-input decoded and --disc-backbone ae need our autoencoder, not SVD's VAE")
         self.input = input
         # r = f / 2: the backbone sees half the video's resolution, as OSV's r = 4 on SVD's f = 8 latents
         self.r = r or max(1, ae.downsample // 2)
@@ -165,7 +191,7 @@ class Discriminator(nn.Module):
         self.upsample = (nn.Sequential(nn.Conv2d(c, c_hat * self.r ** 2, 3, padding=1), nn.PixelShuffle(self.r))
                          if input == "latent" else None)
         self.ae = ae.requires_grad_(False).eval() if input == "decoded" else None
-        self.backbone = make_backbone(backbone, ae).requires_grad_(False).eval()
+        self.backbone = make_backbone(backbone, ae, dinov2).requires_grad_(False).eval()
         self.spatial = nn.ModuleList(head(ch, width, nn.Conv2d) for ch in self.backbone.channels)
         self.temporal = nn.ModuleList(head(ch, width, nn.Conv1d) for ch in self.backbone.channels)
 

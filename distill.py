@@ -147,7 +147,7 @@ def setup_stage2(cfg, ae, teacher, stage1, device):
         if name.endswith("mix_factor"):
             p.requires_grad_(True)
     dcfg = type(cfg)(**stage1["config"]) if stage1 is not None else cfg   # disc as Stage 1 built it
-    disc = Discriminator(ae, dcfg.disc_backbone, dcfg.disc_input, dcfg.disc_r or None).to(device)
+    disc = Discriminator(ae, dcfg.disc_backbone, dcfg.disc_input, dcfg.disc_r or None, dinov2=cfg.dinov2).to(device)
     if stage1 is not None:
         disc.load_state_dict(stage1["models"]["disc"])
     target = EMA(f, cfg.target_decay, warmup=False)                  # theta-, updated by the loop each step

@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from data import SyntheticVideos, UserError, VideoFolder, write_video
 from sample import TTS_SIGMA, cfg_scale, generate, load_model
-from unet import condition
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +361,7 @@ def run_row(D, ae, cfg, real, steps, guidance, sampler="heun", batch_size=50, se
     for i in range(-1, len(real["video"]) // batch_size + (len(real["video"]) % batch_size > 0)):
         sl = slice(max(i, 0) * batch_size, (max(i, 0) + 1) * batch_size)      # i = -1: warm-up batch
         torch.manual_seed(seed + max(i, 0))
-        cond = condition(ae, real["video"][sl], real["fps"][sl], real["motion"][sl],
+        cond = ae.condition(real["video"][sl][:, 0], real["fps"][sl], real["motion"][sl],
                          torch.full((len(real["video"][sl]),), 0.02, device=dev))
         if dev.type == "cuda":
             torch.cuda.synchronize()

@@ -85,7 +85,7 @@ def setup_stage1(cfg, ae, teacher, device):
     discriminator, their optimisers and the step. Returns the parts train.py's loop assembles."""
     torch.manual_seed(cfg.seed)
     f, params = make_student(teacher, cfg.sigma_min, cfg.lora_rank, cfg.lora_convs)
-    disc = Discriminator(ae, cfg.disc_backbone, cfg.disc_input, cfg.disc_r or None).to(device)
+    disc = Discriminator(ae, cfg.disc_backbone, cfg.disc_input, cfg.disc_r or None, dinov2=cfg.dinov2).to(device)
     ema = EMA(f, cfg.ema_decay)
     opts = {"student": torch.optim.Adam(params, lr=cfg.stage1_lr), "disc": make_disc_optimizer(disc, cfg.disc_lr)}
     lgp = LGP(sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(device), cfg.lambda_adv, cfg.huber_c,

@@ -21,9 +21,10 @@ import time
 
 import torch
 
+import svd
 from autoencoder import AEConfig, AutoEncoder
 from data import SyntheticVideos, UserError, load_image, write_video
-from unet import Denoiser, UNetConfig, add_lora, condition, merge_lora
+from unet import Denoiser, UNetConfig, add_lora, merge_lora
 
 
 def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -146,10 +147,11 @@ def guided(denoiser, cond, scale=1.0):
 
 @torch.no_grad()
 def generate(denoiser, cond, num_frames, steps, scale=1.0, sampler="heun", sigma_min=0.002,
-             sigma_max=80.0, seed=0, grid_size=100, tts_sigma=TTS_SIGMA):
+             sigma_max=80.0, seed=0, grid_size=100, tts_sigma=TTS_SIGMA, noise=None, svd_init=False):
     """Latent videos (B, T, c, h, w) from the conditioning, and the NFE per video. The ODE samplers use
     Karras levels; the consistency samplers use levels of the students' training grid (`sigma_grid`).
-    sampler "tts": the Time Travel Sampler (steps must be 1)."""
+    sampler "tts": the Time Travel Sampler (steps must be 1). The start is unit noise (drawn from
+    `seed`, or `noise`) times the top level (EDM), or sqrt(1 + top^2) with svd_init (SVD's sampler)."""
     B, c, h, w = cond["concat"].shape
     dev = cond["concat"].device
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -157,7 +159,8 @@ def generate(denoiser, cond, num_frames, steps, scale=1.0, sampler="heun", sigma
         sigmas = consistency_sigmas(steps, sigma_grid(grid_size, sigma_min, sigma_max)).to(dev)
     else:
         sigmas = karras_sigmas(steps, sigma_min, sigma_max).to(dev, torch.float32)
-    x = (torch.randn(B, num_frames, c, h, w, generator=g) * sigmas[0].item()).to(dev)   # EDM: x_0 = sigma_max z
+    z = torch.randn(B, num_frames, c, h, w, generator=g) if noise is None else noise.cpu()
+    x = (z * (svd.init_noise_scale(sigmas[0].item()) if svd_init else sigmas[0].item())).to(dev)   # EDM: sigma_max z
     D, passes = guided(denoiser, cond, scale)
     if sampler == "tts":
         if steps != 1:
@@ -203,16 +206,38 @@ def load_ae(path, device="cpu", make=None):
 def load_teacher(path, device="cpu", make=None):
     """A finished teacher (EMA weights) and its UNet config dict."""
     ck = load_checkpoint(path, "teacher", make)
-    D = Denoiser(UNetConfig(**ck["unet_config"]), ck["ae_config"]["latent_channels"])
+    D = Denoiser.new(UNetConfig(**ck["unet_config"]), ck["ae_config"]["latent_channels"])
     D.load_state_dict(ck["ema"]["denoiser"])
     return D.to(device), ck["unet_config"]
 
 
+def svd_config(path):
+    """What sampling the published SVD needs to know, as a checkpoint's config dict: its levels, frame
+    count and frame size, and the SVD-XT pipeline's guidance ramp."""
+    sigma_min, sigma_max = svd.scheduler_levels(path)
+    return {"svd": path, "sigma_min": sigma_min, "sigma_max": sigma_max, "num_frames": svd.num_frames(path),
+            "image_size": svd.SIZE, "cfg_min": svd.CFG_MIN, "cfg_max": svd.CFG_MAX, "sample_steps": svd.STEPS,
+            "grid_size": 100}
+
+
+def load_svd(path, device="cpu"):
+    """The published SVD as a teacher -> (denoiser, its VAE and CLIP encoders, config dict, "svd")."""
+    return (svd.load_denoiser(path, device=device).eval(), svd.SVDEncoders.from_pretrained(path, device=device),
+            svd_config(path), "svd")
+
+
 def load_model(path, device="cpu"):
     """A finished checkpoint of a video model (teacher, stage 1, stage 2) -> (denoiser with EMA weights,
-    autoencoder, config dict, stage name). One-line errors for anything else."""
+    autoencoder, config dict, stage name). One-line errors for anything else. A student of the published
+    SVD rebuilds SVD from the folder its checkpoint names."""
     ckpt = load_checkpoint(path, ("teacher", "1", "2"))
-    D = Denoiser(UNetConfig(**ckpt["unet_config"]), ckpt["ae_config"]["latent_channels"])
+    if ckpt["config"].get("svd"):
+        D, ae, cfg, _ = load_svd(ckpt["config"]["svd"])
+        cfg = {**cfg, **ckpt["config"]}
+    else:
+        D = Denoiser.new(UNetConfig(**ckpt["unet_config"]), ckpt["ae_config"]["latent_channels"])
+        ae, cfg = AutoEncoder(AEConfig(**ckpt["ae_config"])), ckpt["config"]
+        ae.load_state_dict(ckpt["ae_state"])
     if ckpt["stage"] == "teacher":
         D.load_state_dict(ckpt["ema"]["denoiser"])
     else:                                      # a student: consistency parametrisation, LoRA merged for speed
@@ -220,27 +245,41 @@ def load_model(path, device="cpu"):
         add_lora(D, ckpt["lora"]["rank"], convs=ckpt["lora"]["convs"])
         D.load_state_dict(ckpt["ema"]["student"])
         merge_lora(D)
-    ae = AutoEncoder(AEConfig(**ckpt["ae_config"]))
-    ae.load_state_dict(ckpt["ae_state"])
-    return D.to(device).eval(), ae.to(device).eval(), ckpt["config"], ckpt["stage"]
+    return D.to(device).eval(), ae.to(device).eval(), cfg, ckpt["stage"]
+
+
+def parse_size(text):
+    """"320x576" -> (320, 576): height x width."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        assert h > 0 and w > 0
+        return h, w
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW (for example 576x1024)") from None
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Image -> video with a trained model.")
-    p.add_argument("--ckpt", default="runs/default/teacher.pt")
+    p = argparse.ArgumentParser(description="Image -> video with a trained model, or with the published SVD.")
+    p.add_argument("--ckpt", default="runs/default/teacher.pt", help="a teacher, stage 1 or stage 2 checkpoint")
+    p.add_argument("--svd", metavar="PATH", help="sample the published SVD / SVD-XT (a diffusers pipeline folder) "
+                   "instead of a checkpoint")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--image", help="conditioning frame (PNG or JPEG)")
     src.add_argument("--index", type=int, help="take the conditioning frame from synthetic test clip N")
-    p.add_argument("--steps", type=int, help="default: 25 for the teacher, 1 for a student (stage 1 or 2)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: heun (teacher), consistency (student)")
+    p.add_argument("--steps", type=int, help="default: 25 for a teacher, 1 for a student (stage 1 or 2)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: euler for SVD, heun for our teacher, "
+                   "consistency for a student")
     p.add_argument("--tts", action="store_true", help="a student's one step with the Time Travel Sampler (2 NFE)")
     p.add_argument("--tts-sigma", type=float, default=TTS_SIGMA, help="the Time Travel Sampler's level s")
-    p.add_argument("--cfg", type=float, help="guidance scale on the last frame (1 = none); default: 2.5 for "
-                   "the teacher, 1 for a student (OSV: CFG is distilled in, applying it again over-exposes)")
+    p.add_argument("--cfg", type=float, help="guidance scale on the last frame (1 = none); default: the "
+                   "teacher's (SVD-XT: 3.0), 1 for a student (OSV: CFG is distilled in, applying it again over-exposes)")
     p.add_argument("--cfg-min", type=float, default=1.0, help="guidance scale on the first frame (SVD's ramp)")
-    p.add_argument("--fps", type=float, default=12.0, help="micro-condition for --image (synthetic: 8, 12, 24)")
-    p.add_argument("--motion", type=float, default=5.0, help="micro-condition for --image (synthetic: 1-12)")
+    p.add_argument("--fps", type=float, help="micro-condition for --image (default: SVD's 7; synthetic: 8, 12, 24)")
+    p.add_argument("--motion", type=float, help="micro-condition for --image (default: SVD's motion bucket 127; "
+                   "synthetic: 1-12, default 5)")
     p.add_argument("--cond-aug", type=float, default=0.02, help="SVD's default noise augmentation")
+    p.add_argument("--size", type=parse_size, help="HxW of the video (default: the model's; SVD: 576x1024)")
+    p.add_argument("--frames", type=int, help="frames of the video (default: the model's; SVD 14, SVD-XT 25)")
     p.add_argument("--num", type=int, default=1, help="videos from this frame (different noise), as a grid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="video.mp4", help=".mp4 or .gif")
@@ -249,27 +288,39 @@ def main(argv=None):
     try:
         if not a.out.lower().endswith((".mp4", ".gif")):
             raise UserError(f"--out {a.out}: use .mp4 or .gif")
-        D, ae, cfg, stage = load_model(a.ckpt, a.device)
-        teacher = stage == "teacher"
+        D, ae, cfg, stage = load_svd(a.svd, a.device) if a.svd else load_model(a.ckpt, a.device)
+        real_svd = bool(cfg.get("svd"))
+        teacher = stage in ("teacher", "svd")
         a.steps = a.steps or (cfg["sample_steps"] if teacher else 1)
-        a.sampler = "tts" if a.tts else a.sampler or ("heun" if teacher else "consistency")
+        a.sampler = "tts" if a.tts else a.sampler or ("consistency" if not teacher else "euler" if real_svd else "heun")
         a.cfg = a.cfg if a.cfg is not None else (cfg["cfg_max"] if teacher else 1.0)
         if a.sampler in ("consistency", "tts") and teacher:
             raise UserError(f"the {a.sampler} sampler needs a student (stage 1 or 2 checkpoint), not the teacher")
-        size, T = cfg["image_size"], cfg["num_frames"]
+        size, T = a.size or cfg["image_size"], a.frames or cfg["num_frames"]
         if a.image:
             frame = load_image(a.image, size)[None]
-            fps, motion = torch.tensor([a.fps]), torch.tensor([a.motion])
+            fps = torch.tensor([a.fps or (svd.FPS if real_svd else 12.0)])
+            motion = torch.tensor([a.motion or (svd.MOTION_BUCKET if real_svd else 5.0)])
+        elif real_svd:
+            raise UserError("the published SVD samples from an --image")
         else:
             b = SyntheticVideos(size, T, "test").batch([a.index or 0])
             frame, fps, motion = b["video"][:, 0], b["fps"], b["motion"]
-        torch.manual_seed(a.seed)
         rep = lambda t: t.repeat_interleave(a.num, 0).to(a.device)          # noqa: E731
-        cond = condition(ae, rep(frame), rep(fps), rep(motion), torch.full((a.num,), a.cond_aug, device=a.device))
+        aug = torch.full((a.num,), a.cond_aug, device=a.device)
+        if real_svd:        # SVD pipeline's draws: the augmentation noise, then the initial noise, one generator
+            g = torch.Generator().manual_seed(a.seed)
+            aug_noise = torch.randn(rep(frame).shape, generator=g).to(a.device)
+            h, w = (s // ae.downsample for s in frame.shape[-2:])
+            noise = torch.randn(a.num, T, ae.cfg.latent_channels, h, w, generator=g)
+            cond = ae.condition(rep(frame), rep(fps), rep(motion), aug, noise=aug_noise)
+        else:
+            torch.manual_seed(a.seed)
+            cond, noise = ae.condition(rep(frame), rep(fps), rep(motion), aug), None
         scale = cfg_scale(a.cfg_min, a.cfg, T) if a.cfg != 1 or a.cfg_min != 1 else 1.0
         t0 = time.perf_counter()
         z, nfe = generate(D, cond, T, a.steps, scale, a.sampler, cfg["sigma_min"], cfg["sigma_max"], a.seed,
-                          cfg.get("grid_size", 100), a.tts_sigma)
+                          cfg.get("grid_size", 100), a.tts_sigma, noise, svd_init=real_svd)
         video = ae.decode_video(z)
         sec = (time.perf_counter() - t0) / a.num
         write_video(a.out, video if a.num > 1 else video[0], fps=8)

@@ -36,9 +36,10 @@ from tqdm import tqdm
 
 import distill
 import gan
+import svd
 import unet
 from autoencoder import AEConfig, AutoEncoder, ae_loss, measure_scale_factor, psnr
-from data import StepBatches, SyntheticVideos, UserError, VideoFolder, write_video
+from data import FixedMotion, StepBatches, SyntheticVideos, UserError, VideoFolder, write_video
 from evaluate import diagnostics, write_report
 from sample import cfg_scale, generate, load_ae, load_checkpoint, load_teacher
 
@@ -51,6 +52,9 @@ class Config:
     data: str = ""                  # a folder of videos; empty: the synthetic bouncing shapes
     frame_stride: int = 1           # folder videos: keep every n-th frame
     workers: int = 0                # data-loader processes (worth it for folder videos)
+    svd: str = ""                   # the published SVD's pipeline folder (svd.py): teacher, VAE, CLIP; no ae, teacher
+    motion_bucket: int = 127        # SVD's motion micro-condition for every training clip (AnimateLCM's)
+    dinov2: str = ""                # a transformers Dinov2Model folder for the discriminator (else torch.hub)
     # autoencoder (autoencoder.py); ours: small enough to train in minutes on a CPU
     ae_channels: tuple = (16, 32, 64)
     ae_latent_channels: int = 4
@@ -65,8 +69,7 @@ class Config:
     teacher_steps: int = 1200
     teacher_batch_size: int = 8
     teacher_lr: float = 5e-4
-    # ln sigma ~ N(p_mean, p_std). Ours: between EDM's image default (-1.2, 1.2) and the SVD
-    # fine-tuning scripts' (0.7, 1.6)
+    # ln sigma ~ N(p_mean, p_std). Ours: between EDM's image default (-1.2, 1.2) and SVD fine-tuners' (0.7, 1.6)
     p_mean: float = 0.0
     p_std: float = 1.2
     cond_drop: float = 0.1          # conditioning dropout so that CFG works (ours, as SD's 0.1)
@@ -178,13 +181,13 @@ def setup_ae(cfg, run):
         return out
 
     def sample(path):
-        v = run.eval_videos(8)
+        v = run.eval_batch(8)["video"]
         write_video(path, torch.cat([v, ema.model.decode_video(ema.model.encode_video(v))]),
                     fps=8, ncol=8)          # top row: input; bottom row: reconstruction
 
     def finish():
         sf = measure_scale_factor(ema.model, run.dataset.batch(range(256))["video"].to(run.device))
-        db = psnr(ema.model, run.eval_videos(cfg.eval_clips))
+        db = psnr(ema.model, run.eval_batch(cfg.eval_clips)["video"])
         if run.master:
             print(f"ae: reconstruction PSNR {db:.2f} dB on {cfg.eval_clips} {run.eval_name}; "
                   f"scale_factor {sf:.4f}")
@@ -195,36 +198,26 @@ def setup_ae(cfg, run):
 
 
 def finished(run, name):
-    """This run folder's finished autoencoder (frozen) or teacher (EMA weights), and its config dict."""
+    """This run's finished autoencoder (frozen) or teacher (EMA weights) and its config; --svd: SVD's."""
+    if run.cfg.svd and name == "ae":
+        enc = svd.SVDEncoders.from_pretrained(run.cfg.svd, device=run.device)
+        return enc, {"latent_channels": enc.cfg.latent_channels}
+    if run.cfg.svd:
+        D = svd.load_denoiser(run.cfg.svd, device=run.device)
+        D.unet.cfg.checkpoint = run.cfg.grad_checkpoint
+        return D, dataclasses.asdict(D.unet.cfg)
     load = {"ae": load_ae, "teacher": load_teacher}[name]
     return load(os.path.join(run.out, f"{name}.pt"), run.device, f"python train.py --stage {name} --out {run.out}")
 
 
 def setup_teacher(cfg, run):
     ae, ae_config = finished(run, "ae")
-    if cfg.unet not in unet.PRESETS:
-        raise UserError(f"--unet must be one of {list(unet.PRESETS)}")
-    ucfg = dataclasses.replace(unet.PRESETS[cfg.unet], checkpoint=cfg.grad_checkpoint,
-                               model_channels=cfg.unet_channels or unet.PRESETS[cfg.unet].model_channels)
-    torch.manual_seed(cfg.seed)
-    D = unet.Denoiser(ucfg, ae_config["latent_channels"]).to(run.device)
-    ema = unet.EMA(D, cfg.ema_decay)
-    opt = torch.optim.Adam(D.parameters(), lr=cfg.teacher_lr)
-
-    def step(nets, batch, update):
-        x0, cond = unet.latents_and_condition(ae, batch)
-        B = len(x0)
-        keep = (torch.rand(B, device=x0.device) >= cfg.cond_drop).float()         # conditioning dropout
-        loss = unet.edm_loss(nets["denoiser"], x0, cond, cfg.p_mean, cfg.p_std, keep)
-        update(loss, "denoiser")
-        return {"loss": loss}
-
+    parts = unet.setup_teacher(cfg, ae_config["latent_channels"], ae, run.device)
     label = f"teacher, {cfg.sample_steps} Euler steps with CFG {cfg.cfg_min}->{cfg.cfg_max}"
-    sample, finish = checks(label, ema.model, ae, run, cfg, cfg.sample_steps,
+    sample, finish = checks(label, parts["ema"]["denoiser"].model, ae, run, cfg, cfg.sample_steps,
                             cfg_scale(cfg.cfg_min, cfg.cfg_max, cfg.num_frames), "euler")
-    return Stage({"denoiser": D}, {"denoiser": opt}, step, {"denoiser": ema}, sample, finish,
-                 extra={"unet_config": dataclasses.asdict(ucfg), "ae_config": ae_config,
-                        "ae_state": ae.state_dict()})
+    return Stage(parts["models"], parts["opts"], parts["step"], parts["ema"], sample, finish,
+                 extra={**parts["extra"], "ae_config": ae_config, "ae_state": ae.state_dict()})
 
 
 def checks(label, D, ae, run, cfg, steps, scale, sampler):
@@ -232,7 +225,7 @@ def checks(label, D, ae, run, cfg, steps, scale, sampler):
     from their first frames (as the report samples them); the diagnostics on up to 64 of them."""
     def videos(n):
         b = run.eval_batch(n)
-        cond = unet.condition(ae, b["video"], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
+        cond = ae.condition(b["video"][:, 0], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
         z, _ = generate(D, cond, cfg.num_frames, steps, scale, sampler, cfg.sigma_min, cfg.sigma_max,
                         seed=cfg.seed, grid_size=cfg.grid_size)
         return b["video"], ae.decode_video(z).clamp(-1, 1)
@@ -256,9 +249,10 @@ def student_stage(name, parts, ae, ae_config, ucfg, run, cfg, **extra):
     of the EMA student, the end-of-stage check, and what loading the checkpoint needs."""
     sample, finish = checks(f"{name}, 1 step (NFE 1)", parts["ema"]["student"].model, ae, run, cfg, 1, 1.0,
                             "consistency")
+    own_ae = {} if cfg.svd else {"ae_state": ae.state_dict()}          # SVD's encoders stay in its folder
     return Stage(parts["models"], parts["opts"], parts["step"], parts["ema"], sample, finish, cosine=False,
-                 extra={"unet_config": ucfg, "ae_config": ae_config, "ae_state": ae.state_dict(),
-                        "sigma_min": cfg.sigma_min, **parts["extra"], **extra})
+                 extra={"unet_config": ucfg, "ae_config": ae_config, **own_ae, "sigma_min": cfg.sigma_min,
+                        **parts["extra"], **extra})
 
 
 def setup_stage1(cfg, run):
@@ -323,6 +317,10 @@ class Run:
             self.dataset = SyntheticVideos(cfg.image_size, cfg.num_frames, "train", self.device)
             self.eval_set = SyntheticVideos(cfg.image_size, cfg.num_frames, "test", self.device)
             self.eval_name = "held-out synthetic clips"
+        if cfg.svd:         # our motion scores are not on the scale of SVD's motion bucket
+            same = self.eval_set is self.dataset
+            self.dataset = FixedMotion(self.dataset, cfg.motion_bucket)
+            self.eval_set = self.dataset if same else FixedMotion(self.eval_set, cfg.motion_bucket)
         self._eval = None
 
     def eval_batch(self, n):
@@ -332,9 +330,6 @@ class Run:
             b = self.eval_set.batch(range(first, first + n))
             self._eval = {k: b[k].to(self.device) for k in ("video", "fps", "motion")}
         return {k: v[:n] for k, v in self._eval.items()}
-
-    def eval_videos(self, n):
-        return self.eval_batch(n)["video"]
 
     def log(self, record):
         record = {**record, "tag": self.tag} if self.tag else record
@@ -553,6 +548,9 @@ def parse(argv):
 
 def make_config(args, stages):
     cfg = Config(**PRESETS[args.preset])
+    if args.svd:            # SVD's schedule, the SVD-XT pipeline's guidance ramp, the paper's DINOv2; flags override
+        cfg.sigma_min, cfg.sigma_max = svd.scheduler_levels(args.svd)
+        cfg.cfg_min, cfg.cfg_max, cfg.disc_backbone = svd.CFG_MIN, svd.CFG_MAX, "dinov2"
     for f in dataclasses.fields(Config):
         v = getattr(args, f.name)
         if v is not None:
@@ -568,12 +566,14 @@ def main(argv=None):
     # user-facing warnings (a skipped video file) as one line each, without the source line
     warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
     args = parse(argv)
-    stages = STAGES if args.stage == "all" else [args.stage]
+    stages = (["1", "2"] if args.svd else STAGES) if args.stage == "all" else [args.stage]
     cfg = make_config(args, stages)
     run = None
     try:
         if args.tag and not args.tag.replace("-", "").isalnum():
             raise UserError(f"--tag {args.tag!r}: use letters, digits and dashes")
+        if args.svd and args.stage in ("ae", "teacher"):
+            raise UserError("with --svd the autoencoder and the teacher are SVD's: train --stage 1 and 2")
         run = Run(cfg, args.out, args.tag)
         mode = "fresh" if args.fresh else "resume" if args.resume else "keep" if args.stage == "all" else "new"
         for s in stages:

@@ -12,12 +12,14 @@ frames folded into the batch for spatial layers, space folded into the batch for
 the two blended by a learned alpha), then `Denoiser` (c_skip, c_out, c_in, c_noise) and `edm_loss`.
 Shapes: videos are (B, T, C, H, W) outside; inside the UNet frames are folded, (B*T, C, H, W).
 
-Beside the network live what every training stage shares about it: SVD's conditioning
-(`condition`, `latents_and_condition`), LoRA (how OSV adapts the teacher), the students'
-consistency parametrisation (`scalings(..., sigma_min)`, `make_student`) and the weight `EMA`.
+Beside the network live what every training stage shares about it: the training batch's latents and
+conditioning (`latents_and_condition`), LoRA (how OSV adapts the teacher), the students'
+consistency parametrisation (`scalings(..., sigma_min)`, `make_student`) and the weight `EMA`. The
+published SVD's weights load into this network in svd.py.
 """
 import argparse
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,6 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch.utils.checkpoint import checkpoint
+
+from data import UserError
+
 
 
 @dataclass
@@ -42,6 +47,7 @@ class UNetConfig:
     micro_dim: int = 256              # each micro-condition (fps, motion, cond_aug): 3 x 256 = SVD's 768
     dropout: float = 0.0
     checkpoint: bool = False          # gradient checkpointing per block (SVD trains with it)
+    norm_eps: float = 1e-5            # the ResBlocks' GroupNorm epsilon: the original code's (sgm's GroupNorm32)
 
 
 PRESETS = {
@@ -56,15 +62,16 @@ SVD_REFERENCE_PARAMS = 1_524_623_082
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
-    """Sinusoidal embedding of a float (noise level, frame index, fps...), cos half first as in sgm."""
+    """Sinusoidal embedding of a float (noise level, frame index, fps...), cos half first as in sgm.
+    Computed in float32 as sgm and diffusers do; callers cast it to their weights' dtype."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], -1)                                     # (N, dim)
 
 
-def norm(c):
-    return nn.GroupNorm(32 if c % 32 == 0 else 8, c, eps=1e-5)
+def norm(c, eps=1e-5):
+    return nn.GroupNorm(32 if c % 32 == 0 else 8, c, eps=eps)
 
 
 def zero(module):
@@ -82,14 +89,14 @@ class ResBlock(nn.Module):
     GroupNorm -> SiLU -> dropout -> zero conv, plus a skip. `conv` is 2-D (3x3) for the spatial block
     and 3-D with a (3, 1, 1) kernel for the temporal one, which therefore mixes only the time axis."""
 
-    def __init__(self, c_in, c_out, emb_dim, dropout=0.0, temporal=False):
+    def __init__(self, c_in, c_out, emb_dim, dropout=0.0, temporal=False, eps=1e-5):
         super().__init__()
         conv = (lambda a, b: nn.Conv3d(a, b, (3, 1, 1), padding=(1, 0, 0))) if temporal else \
             (lambda a, b: nn.Conv2d(a, b, 3, padding=1))
         self.temporal = temporal
-        self.in_layers = nn.Sequential(norm(c_in), nn.SiLU(), conv(c_in, c_out))
+        self.in_layers = nn.Sequential(norm(c_in, eps), nn.SiLU(), conv(c_in, c_out))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
-        self.out_layers = nn.Sequential(norm(c_out), nn.SiLU(), nn.Dropout(dropout), zero(conv(c_out, c_out)))
+        self.out_layers = nn.Sequential(norm(c_out, eps), nn.SiLU(), nn.Dropout(dropout), zero(conv(c_out, c_out)))
         self.skip = nn.Identity() if c_in == c_out else (nn.Conv3d if temporal else nn.Conv2d)(c_in, c_out, 1)
 
     def forward(self, x, emb):
@@ -117,10 +124,10 @@ class VideoResBlock(nn.Module):
     """SVD's VideoResBlock: a spatial ResBlock on every frame, then a temporal ResBlock on its output,
     blended. The temporal path is serial: the blend is between "spatial" and "spatial then temporal"."""
 
-    def __init__(self, c_in, c_out, emb_dim, dropout=0.0):
+    def __init__(self, c_in, c_out, emb_dim, dropout=0.0, eps=1e-5):
         super().__init__()
-        self.spatial = ResBlock(c_in, c_out, emb_dim, dropout)
-        self.time_stack = ResBlock(c_out, c_out, emb_dim, dropout, temporal=True)
+        self.spatial = ResBlock(c_in, c_out, emb_dim, dropout, eps=eps)
+        self.time_stack = ResBlock(c_out, c_out, emb_dim, dropout, temporal=True, eps=eps)
         self.time_mixer = AlphaBlender()
 
     def forward(self, x, emb, T, image_only=False):
@@ -227,7 +234,8 @@ class SpatialVideoTransformer(nn.Module):
         x = self.proj_in(x)                                                            # (B*T, H*W, C)
         spatial_ctx = repeat(context, "b s d -> (b t) s d", t=T)                       # the same for every frame
         temporal_ctx = repeat(context, "b s d -> (b hw) s d", hw=H * W)                # and every location
-        frame_emb = self.time_pos_embed(timestep_embedding(torch.arange(T, device=x.device), C))   # (T, C)
+        pos = timestep_embedding(torch.arange(T, device=x.device), C).to(self.time_pos_embed[0].weight.dtype)
+        frame_emb = self.time_pos_embed(pos)                                          # (T, C)
         for block, time_block in zip(self.transformer_blocks, self.time_stack):
             x = block(x, spatial_ctx)
             x_mix = x + repeat(frame_emb, "t c -> (b t) 1 c", b=BT // T).to(x.dtype)
@@ -249,12 +257,15 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest-neighbour upsampling to the next skip's size (twice the input's, unless a size was odd
+    on the way down, as diffusers does), then a conv."""
+
     def __init__(self, ch):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x, *_):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size):
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +290,7 @@ class VideoUNet(nn.Module):
         self.input_blocks, chans, ch = nn.ModuleList(), [mc], mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [VideoResBlock(ch, mult * mc, E, cfg.dropout)]
+                layers = [VideoResBlock(ch, mult * mc, E, cfg.dropout, cfg.norm_eps)]
                 ch = mult * mc
                 if level in cfg.attention_levels:
                     layers.append(transformer(ch))
@@ -288,28 +299,33 @@ class VideoUNet(nn.Module):
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
                 chans.append(ch)
-        self.middle_block = nn.ModuleList([VideoResBlock(ch, ch, E, cfg.dropout), transformer(ch),
-                                           VideoResBlock(ch, ch, E, cfg.dropout)])
+        self.middle_block = nn.ModuleList([VideoResBlock(ch, ch, E, cfg.dropout, cfg.norm_eps), transformer(ch),
+                                           VideoResBlock(ch, ch, E, cfg.dropout, cfg.norm_eps)])
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [VideoResBlock(ch + chans.pop(), mult * mc, E, cfg.dropout)]
+                layers = [VideoResBlock(ch + chans.pop(), mult * mc, E, cfg.dropout, cfg.norm_eps)]
                 ch = mult * mc
                 if level in cfg.attention_levels:
                     layers.append(transformer(ch))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(nn.ModuleList(layers))
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(norm(ch, cfg.norm_eps), nn.SiLU(), zero(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
 
-    def _run(self, layers, x, emb, context, T, image_only):
+    @property
+    def dtype(self):
+        """The weights' dtype (of a layer LoRA never wraps)."""
+        return self.time_embed[0].weight.dtype
+
+    def _run(self, layers, x, emb, context, T, image_only, size=None):
         for layer in layers:
             if isinstance(layer, VideoResBlock):
                 args = (x, emb, T, image_only)
             elif isinstance(layer, SpatialVideoTransformer):
                 args = (x, context, T, image_only)
             else:
-                args = (x,)
+                args = (x, size)                   # Downsample ignores the size, Upsample goes to it
             if self.cfg.checkpoint and self.training:
                 x = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -318,9 +334,9 @@ class VideoUNet(nn.Module):
 
     def forward(self, x, c_noise, context, micro, image_only=False):
         B, T = x.shape[:2]
-        mc, md = self.cfg.model_channels, self.cfg.micro_dim
-        micro_emb = torch.cat([timestep_embedding(micro[:, i], md) for i in range(3)], 1)   # (B, 3*md)
-        emb = self.time_embed(timestep_embedding(c_noise, mc)) + self.label_emb(micro_emb)  # (B, E)
+        mc, md, dt = self.cfg.model_channels, self.cfg.micro_dim, self.dtype
+        micro_emb = torch.cat([timestep_embedding(micro[:, i], md) for i in range(3)], 1).to(dt)   # (B, 3*md)
+        emb = self.time_embed(timestep_embedding(c_noise, mc).to(dt)) + self.label_emb(micro_emb)  # (B, E)
         emb = repeat(emb, "b e -> (b t) e", t=T).to(x.dtype)
         h = self.conv_in(rearrange(x, "b t c h w -> (b t) c h w"))                    # (B*T, mc, h, w)
         skips = [h]
@@ -329,7 +345,8 @@ class VideoUNet(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context, T, image_only)
         for layers in self.output_blocks:
-            h = self._run(layers, torch.cat([h, skips.pop()], 1), emb, context, T, image_only)
+            h = torch.cat([h, skips.pop()], 1)
+            h = self._run(layers, h, emb, context, T, image_only, skips[-1].shape[-2:] if skips else None)
         return rearrange(self.out(h), "(b t) c h w -> b t c h w", t=T)
 
 
@@ -437,27 +454,34 @@ def scalings(sigma, sigma_data, sigma_min=None):
 class Denoiser(nn.Module):
     """D(x, sigma, cond) -> x0_hat = c_skip x + c_out F(c_in x; c_noise, cond): the one interface every
     sampler and loss uses. cond: "concat" (B, c, h, w) latent of the noise-augmented first frame,
-    put on every frame's channels; "image" (B, c, h, w) clean first-frame latent for the embedding;
-    "micro" (B, 3) fps, motion, cond_aug. keep (B,): 1 conditional, 0 unconditional (both image
-    conditionings zeroed, as SVD's CFG and conditioning dropout do)."""
+    put on every frame's channels; "image": what the context comes from, the clean first frame's latent
+    (B, c, h, w) that `embedder` embeds, or, without an embedder, the context itself (SVD's CLIP image
+    embedding, (B, 1, d)); "micro" (B, 3) the three micro-conditions. keep (B,): 1 conditional,
+    0 unconditional (both image conditionings zeroed, as SVD's CFG and conditioning dropout do)."""
 
-    def __init__(self, unet_cfg, latent_channels=4, sigma_data=1.0):
+    def __init__(self, unet, embedder=None, sigma_data=1.0):
         super().__init__()
-        self.unet = VideoUNet(unet_cfg)
-        self.embedder = ImageEmbedder(latent_channels, unet_cfg.context_dim)
+        self.unet, self.embedder = unet, embedder
         self.sigma_data = sigma_data
         self.sigma_min = None          # set to the grid's lowest level: a consistency function f_theta
 
+    @classmethod
+    def new(cls, unet_cfg, latent_channels=4):
+        """A fresh denoiser: a random VideoUNet and our learned image embedding (the offline teacher)."""
+        return cls(VideoUNet(unet_cfg), ImageEmbedder(latent_channels, unet_cfg.context_dim))
+
     def forward(self, x, sigma, cond, keep=None, image_only=False):
         B, T = x.shape[:2]
-        x, sigma = x.float(), sigma.float().reshape(B, 1, 1, 1, 1)      # scalings and output in fp32
+        dt = torch.promote_types(x.dtype, torch.float32)                 # scalings and output: fp32 or finer
+        x, sigma = x.to(dt), sigma.to(dt).reshape(B, 1, 1, 1, 1)
         c_skip, c_out, c_in, c_noise = scalings(sigma, self.sigma_data, self.sigma_min)
         keep = torch.ones(B, device=x.device) if keep is None else keep.float()
         concat = cond["concat"] * keep.view(B, 1, 1, 1)
-        context = self.embedder(cond["image"]) * keep.view(B, 1, 1)
+        context = cond["image"] if self.embedder is None else self.embedder(cond["image"].to(self.unet.dtype))
+        context = (context * keep.view(B, 1, 1)).to(self.unet.dtype)
         net_in = torch.cat([c_in * x, repeat(concat, "b c h w -> b t c h w", t=T)], 2)  # (B, T, 2c, h, w)
-        F_x = self.unet(net_in, c_noise.flatten(), context, cond["micro"], image_only)
-        return c_skip * x + c_out * F_x.float()
+        F_x = self.unet(net_in.to(self.unet.dtype), c_noise.flatten(), context, cond["micro"], image_only)
+        return c_skip * x + c_out * F_x.to(dt)
 
 
 def edm_loss(D, x0, cond, P_mean, P_std, keep=None):
@@ -473,28 +497,14 @@ def edm_loss(D, x0, cond, P_mean, P_std, keep=None):
     return (weight * (x0_hat - x0.float()) ** 2).mean()
 
 
-@torch.no_grad()
-def condition(ae, video, fps, motion, cond_aug):
-    """SVD's conditioning from a clip's first frame (B, 3, H, W) in pixels: the frame plus cond_aug
-    Gaussian noise in pixel space, encoded ("concat"); the clean frame, encoded ("image"); and the
-    micro-conditions. Latents are scaled like every latent here (SVD leaves its concat latent
-    unscaled; with unit-std latents we keep one convention). fps is passed as is, not fps - 1."""
-    frame = video if video.dim() == 4 else video[:, 0]
-    aug = cond_aug.view(-1, 1, 1, 1) * torch.randn_like(frame)
-    z_aug = ae.encode_video((frame + aug)[:, None])[:, 0]
-    z = ae.encode_video(frame[:, None])[:, 0]
-    micro = torch.stack([fps.float(), motion.float(), cond_aug.float()], 1)
-    return {"concat": z_aug, "image": z, "micro": micro}
-
-
 def latents_and_condition(ae, batch):
-    """A training batch -> its latents x0 (B, T, c, h, w) and SVD's conditioning from its first frames,
-    with SVD's noise augmentation of the conditioning frame, cond_aug ~ LogNormal(-3, 0.5) (AnimateLCM).
-    Every diffusion stage (teacher, 1, 2) trains on this."""
+    """A training batch -> its latents x0 (B, T, c, h, w) and the conditioning from its first frames
+    (`ae.condition`: ours, or SVD's conventions), with SVD's noise augmentation of the conditioning
+    frame, cond_aug ~ LogNormal(-3, 0.5) (AnimateLCM). Every diffusion stage (teacher, 1, 2) trains on this."""
     video = batch["video"]                                                         # (B, T, 3, H, W)
     x0 = ae.encode_video(video).float()
     cond_aug = (torch.randn(len(video), device=video.device) * 0.5 - 3.0).exp()
-    return x0, condition(ae, video, batch["fps"], batch["motion"], cond_aug)
+    return x0, ae.condition(video[:, 0], batch["fps"], batch["motion"], cond_aug)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,6 +533,29 @@ class EMA:
         torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
+
+
+def setup_teacher(cfg, latent_channels, ae, device):
+    """`python train.py --stage teacher`: a fresh video UNet of the preset `cfg.unet`, trained with EDM's
+    denoising loss and conditioning dropout (so that CFG works); its EMA samples. Returns the parts
+    train.py's loop assembles."""
+    if cfg.unet not in PRESETS:
+        raise UserError(f"--unet must be one of {list(PRESETS)}")
+    ucfg = dataclasses.replace(PRESETS[cfg.unet], checkpoint=cfg.grad_checkpoint,
+                               model_channels=cfg.unet_channels or PRESETS[cfg.unet].model_channels)
+    torch.manual_seed(cfg.seed)
+    D = Denoiser.new(ucfg, latent_channels).to(device)
+
+    def step(nets, batch, update):
+        x0, cond = latents_and_condition(ae, batch)
+        keep = (torch.rand(len(x0), device=x0.device) >= cfg.cond_drop).float()    # conditioning dropout
+        loss = edm_loss(nets["denoiser"], x0, cond, cfg.p_mean, cfg.p_std, keep)
+        update(loss, "denoiser")
+        return {"loss": loss}
+
+    return {"models": {"denoiser": D}, "opts": {"denoiser": torch.optim.Adam(D.parameters(), lr=cfg.teacher_lr)},
+            "ema": {"denoiser": EMA(D, cfg.ema_decay)}, "step": step,
+            "extra": {"unet_config": dataclasses.asdict(ucfg)}}
 
 
 def count_parameters(preset):

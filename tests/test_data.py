@@ -1,6 +1,8 @@
 """data.py: the synthetic dataset (determinism, physics, ground truth), the folder loader, images, writing."""
 import math
 import os
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -221,3 +223,15 @@ def test_write_video_roundtrip(tmp_path, ext, tol):
     assert (got - v[0, 5]).abs().mean() < tol
     with pytest.raises(UserError):
         write_video(str(tmp_path / "x.avi"), v[0])
+
+
+# ---------------------------------------------------------------------------- optional dependencies
+
+def test_a_missing_svd_package_is_a_one_line_error_with_the_install_command():
+    with pytest.raises(UserError, match=r"needs no_such_pkg: pip install -r requirements-svd.txt$"):
+        data.optional("no_such_pkg.sub")
+
+
+def test_the_offline_path_never_imports_the_svd_packages():
+    code = "import sys, train; bad = {'diffusers', 'transformers', 'safetensors'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

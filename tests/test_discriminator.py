@@ -79,7 +79,7 @@ class FakeDINO(nn.Module):
 
 def test_dinov2_adapter_with_a_stand_in(monkeypatch):
     fake = FakeDINO()
-    monkeypatch.setattr(dm, "load_dinov2", lambda: fake)
+    monkeypatch.setattr(dm, "load_dinov2", lambda path="": fake)
     disc = dm.Discriminator(tiny_ae(), "dinov2")
     z = torch.randn(1, 8, 4, 8, 8, requires_grad=True)
     logits = disc(z)

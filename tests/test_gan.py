@@ -20,7 +20,7 @@ def micro_denoiser():
     torch.manual_seed(0)
     cfg = unet.UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                           head_channels=8, context_dim=16, micro_dim=8)
-    return unet.Denoiser(cfg, 4).eval()
+    return unet.Denoiser.new(cfg, 4).eval()
 
 
 def cond_for(B, h=8):

@@ -128,7 +128,7 @@ def micro_student():
     torch.manual_seed(0)
     cfg = unet.UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                           head_channels=8, context_dim=16, micro_dim=8)
-    f, _ = unet.make_student(unet.Denoiser(cfg, 4).eval(), 0.002, 4, True)
+    f, _ = unet.make_student(unet.Denoiser.new(cfg, 4).eval(), 0.002, 4, True)
     return f
 
 

@@ -29,7 +29,7 @@ def test_shapes(preset):
     """Tiny latents for every preset; the full-size one on the meta device (shapes only)."""
     device = "meta" if preset == "svd" else "cpu"
     with torch.device(device):
-        D = Denoiser(unet.PRESETS[preset])
+        D = Denoiser.new(unet.PRESETS[preset])
         x = torch.randn(2, 3, 4, 8, 8)
         out = D(x, torch.tensor([0.5, 20.0]), cond_for(2))
     assert out.shape == (2, 3, 4, 8, 8) and out.dtype == torch.float32
@@ -46,7 +46,7 @@ def randomise(module, seed=0):
 
 def test_temporal_path_is_a_no_op_with_alpha_forced_to_one():
     torch.manual_seed(0)
-    D = randomise(Denoiser(MICRO)).eval()
+    D = randomise(Denoiser.new(MICRO)).eval()
     x, cond, sigma = torch.randn(1, 4, 4, 8, 8), cond_for(1), torch.tensor([1.0])
     x2 = x.clone()
     x2[:, 2] += 1.0                                                     # change frame 2 only
@@ -77,7 +77,7 @@ def test_preconditioning_identities():
 
 def test_denoiser_combines_skip_and_network():
     """With the network's output forced to zero, D(x, sigma) = c_skip x; conditioning zeroed by keep."""
-    D = Denoiser(MICRO).eval()                 # the output conv is zero-initialised: F = 0
+    D = Denoiser.new(MICRO).eval()                 # the output conv is zero-initialised: F = 0
     x, sigma = torch.randn(2, 3, 4, 8, 8), torch.tensor([0.3, 7.0])
     with torch.no_grad():
         out = D(x, sigma, cond_for(2))
@@ -97,7 +97,7 @@ def test_denoiser_combines_skip_and_network():
 def test_teacher_overfits_a_batch():
     """EDM loss on a fixed batch with fixed noise falls: the network, conditioning and loss are wired."""
     torch.manual_seed(0)
-    D = Denoiser(MICRO)
+    D = Denoiser.new(MICRO)
     x0, cond = torch.randn(4, 4, 4, 8, 8), cond_for(4)
     opt = torch.optim.Adam(D.parameters(), lr=1e-3)
     losses = []
@@ -113,8 +113,8 @@ def test_teacher_overfits_a_batch():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    D = randomise(Denoiser(MICRO))
-    D2 = Denoiser(dataclasses.replace(MICRO, checkpoint=True))
+    D = randomise(Denoiser.new(MICRO))
+    D2 = Denoiser.new(dataclasses.replace(MICRO, checkpoint=True))
     D2.load_state_dict(D.state_dict())
     x0, cond = torch.randn(2, 3, 4, 8, 8), cond_for(2)
     grads = []
@@ -130,7 +130,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 @pytest.mark.parametrize("convs", [False, True])
 def test_lora_starts_equal_and_merges_exactly(convs):
     torch.manual_seed(0)
-    base = randomise(Denoiser(MICRO)).eval()   # no zero-initialised layers: every adapted weight reaches the output
+    base = randomise(Denoiser.new(MICRO)).eval()   # no zero-initialised layers: every adapted weight reaches the output
     f = copy.deepcopy(base)
     params = unet.add_lora(f, rank=4, convs=convs)
     loras = [m for m in f.modules() if isinstance(m, unet.LoRA)]
@@ -161,14 +161,14 @@ def test_lora_adapters_follow_the_base_device_and_dtype():
 
 
 def test_lora_rank_zero_is_full_fine_tuning():
-    f = Denoiser(MICRO)
+    f = Denoiser.new(MICRO)
     params = unet.add_lora(f, rank=0)
     assert len(params) == len(list(f.parameters())) and not any(isinstance(m, unet.LoRA) for m in f.modules())
 
 
 def test_boundary_condition_is_exact_and_the_student_starts_as_the_teacher():
     torch.manual_seed(0)
-    teacher = randomise(Denoiser(MICRO)).eval()   # a non-zero output layer: the network's term is visible
+    teacher = randomise(Denoiser.new(MICRO)).eval()   # a non-zero output layer: the network's term is visible
     f, _ = unet.make_student(teacher, 0.002, 4, True)
     x, c = torch.randn(3, 8, 4, 8, 8), cond_for(3)
     with torch.no_grad():
