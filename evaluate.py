@@ -180,7 +180,10 @@ def train_feature_net(source, image_size, num_frames, path, steps=1500, batch_si
         data = VideoFolder(source, image_size, 2 * num_frames, frame_stride)
     net = FeatureNet(image_size, num_frames).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    if steps < 3:
+        raise UserError(f"the FVD-syn network needs at least 3 training steps, not {steps}")
+    # a 5% warm-up, at least two steps (OneCycleLR divides by zero when its warm-up ends at step 0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=max(0.05, 2 / steps))
     gen = torch.Generator().manual_seed(seed)
     for step in tqdm(range(steps), desc="FVD-syn features", dynamic_ncols=True):
         batch = data.batch(range(step * batch_size, (step + 1) * batch_size))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import evaluate
-from data import SyntheticVideos, write_video
+from data import SyntheticVideos, UserError, write_video
 from evaluate import (I3D, FeatureNet, blurred, diagnostics, extract, fd_interval, frechet_distance,
                       gaussian_stats, shuffled, static)
 
@@ -54,6 +54,14 @@ def small_net(tmp_path_factory):
     """A briefly trained FVD-syn network at tiny sizes (the real one trains for 1,500 steps)."""
     path = str(tmp_path_factory.mktemp("fvd") / "net.pt")
     return evaluate.train_feature_net("synthetic", 32, 8, path, steps=300, batch_size=16), path
+
+
+@pytest.mark.parametrize("steps", [3, 20])       # 20: where a 5% warm-up would end at step 0
+def test_the_feature_net_trains_for_any_number_of_steps(tmp_path, steps):
+    net = evaluate.train_feature_net("synthetic", 32, 8, str(tmp_path / "net.pt"), steps=steps, batch_size=2)
+    assert os.path.isfile(tmp_path / "net.pt") and all(p.isfinite().all() for p in net.parameters())
+    with pytest.raises(UserError, match="at least 3"):
+        evaluate.train_feature_net("synthetic", 32, 8, str(tmp_path / "net2.pt"), steps=2)
 
 
 def test_ruler_orders_real_static_shuffled_blurred(small_net):
