@@ -299,8 +299,8 @@ def main(argv=None):
         size, T = a.size or cfg["image_size"], a.frames or cfg["num_frames"]
         if a.image:
             frame = load_image(a.image, size)[None]
-            fps = torch.tensor([a.fps or (svd.FPS if real_svd else 12.0)])
-            motion = torch.tensor([a.motion or (svd.MOTION_BUCKET if real_svd else 5.0)])
+            fps = torch.tensor([a.fps if a.fps is not None else svd.FPS if real_svd else 12.0])
+            motion = torch.tensor([a.motion if a.motion is not None else svd.MOTION_BUCKET if real_svd else 5.0])
         elif real_svd:
             raise UserError("the published SVD samples from an --image")
         else:
@@ -320,7 +320,7 @@ def main(argv=None):
         scale = cfg_scale(a.cfg_min, a.cfg, T) if a.cfg != 1 or a.cfg_min != 1 else 1.0
         t0 = time.perf_counter()
         z, nfe = generate(D, cond, T, a.steps, scale, a.sampler, cfg["sigma_min"], cfg["sigma_max"], a.seed,
-                          cfg.get("grid_size", 100), a.tts_sigma, noise, svd_init=real_svd)
+                          cfg.get("grid_size", 100), a.tts_sigma, noise, svd_init=real_svd and teacher)
         video = ae.decode_video(z)
         sec = (time.perf_counter() - t0) / a.num
         write_video(a.out, video if a.num > 1 else video[0], fps=8)
