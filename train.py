@@ -137,7 +137,7 @@ PRESETS = {
 STAGES = ["ae", "teacher", "1", "2"]                    # the pipeline, in order
 PREFIX = {"ae": "ae", "teacher": "teacher", "1": "stage1", "2": "stage2"}   # config-field prefixes
 # fields that may change when a run is resumed; anything else must match the checkpoint
-RUN_FIELDS = {"device", "dtype", "compile", "workers", "log_every", "sample_every", "ckpt_every",
+RUN_FIELDS = {"device", "dtype", "compile", "grad_checkpoint", "workers", "log_every", "sample_every", "ckpt_every",
               "eval_clips", "report_clips", "feature_steps"} | {f"{p}_steps" for p in PREFIX.values()}
 
 
@@ -199,15 +199,13 @@ def setup_ae(cfg, run):
 
 def finished(run, name):
     """This run's finished autoencoder (frozen) or teacher (EMA weights) and its config; --svd: SVD's."""
-    if run.cfg.svd and name == "ae":
-        enc = svd.SVDEncoders.from_pretrained(run.cfg.svd, device=run.device)
-        return enc, {"latent_channels": enc.cfg.latent_channels}
-    if run.cfg.svd:
-        D = svd.load_denoiser(run.cfg.svd, device=run.device)
-        D.unet.cfg.checkpoint = run.cfg.grad_checkpoint
-        return D, dataclasses.asdict(D.unet.cfg)
-    load = {"ae": load_ae, "teacher": load_teacher}[name]
-    return load(os.path.join(run.out, f"{name}.pt"), run.device, f"python train.py --stage {name} --out {run.out}")
+    path, make = os.path.join(run.out, f"{name}.pt"), f"python train.py --stage {name} --out {run.out}"
+    if name == "ae":
+        enc = svd.SVDEncoders.from_pretrained(run.cfg.svd, device=run.device) if run.cfg.svd else None
+        return (enc, {"latent_channels": enc.cfg.latent_channels}) if enc else load_ae(path, run.device, make)
+    D = svd.load_denoiser(run.cfg.svd, device=run.device) if run.cfg.svd else load_teacher(path, run.device, make)[0]
+    D.unet.cfg.checkpoint = run.cfg.grad_checkpoint      # this stage's flag, whatever the teacher trained with
+    return D, dataclasses.asdict(D.unet.cfg)
 
 
 def setup_teacher(cfg, run):

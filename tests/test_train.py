@@ -1,6 +1,7 @@
 """train.py: exact resume, non-finite loss, DDP on CPU, stage errors, mixed precision."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 import evaluate
 import sample
 import train
+import unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,3 +152,19 @@ def test_ddp_two_processes_on_cpu(tmp_path, fast_args):
     ckpt = torch.load(os.path.join(out, "ae.pt"), weights_only=False)
     assert ckpt["done"] and ckpt["step"] == 4
     assert sorted(losses(out)) == [1, 2, 3, 4]            # rank 0 logs once per step
+
+
+def test_grad_checkpoint_is_this_stages_flag_not_the_teachers(tiny_run, tmp_path, monkeypatch, fast_args, micro_args):
+    """The teacher trained without --grad-checkpoint; Stage 1 with it checkpoints the student's blocks,
+    Stage 2 without it does not."""
+    out = str(tmp_path / "r")
+    shutil.copytree(tiny_run, out)
+    calls, real = [], unet.checkpoint
+    monkeypatch.setattr(unet, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert not torch.load(os.path.join(out, "teacher.pt"), weights_only=False)["unet_config"]["checkpoint"]
+    common = ["--steps", "1", "--out", out, *micro_args, *fast_args]
+    assert train.main(["--stage", "1", "--grad-checkpoint", *common]) == 0
+    assert calls and torch.load(os.path.join(out, "stage1.pt"), weights_only=False)["unet_config"]["checkpoint"]
+    calls.clear()
+    assert train.main(["--stage", "2", *common]) == 0
+    assert not calls

@@ -125,6 +125,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients_in_a_student():
+    torch.manual_seed(0)
+    f, params = unet.make_student(randomise(Denoiser.new(MICRO)), 0.002, rank=4, convs=True)
+    for p in params:                                        # B starts at zero: move it so A gets gradients
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x0, cond = torch.randn(2, 3, 4, 8, 8), cond_for(2)
+    grads = []
+    for checkpointing in (False, True):
+        f.unet.cfg.checkpoint = checkpointing
+        f.zero_grad()
+        torch.manual_seed(3)
+        edm_loss(f, x0, cond, 0.0, 1.0).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- LoRA, students, EMA
 
 @pytest.mark.parametrize("convs", [False, True])
