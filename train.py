@@ -51,7 +51,7 @@ class Config:
     num_frames: int = 8
     data: str = ""                  # a folder of videos; empty: the synthetic bouncing shapes
     frame_stride: int = 1           # folder videos: keep every n-th frame
-    workers: int = 0                # data-loader processes (worth it for folder videos)
+    workers: int = 4                # folder videos: decoding processes (at most the CPU count; 0: main thread)
     svd: str = ""                   # the published SVD's pipeline folder (svd.py): teacher, VAE, CLIP; no ae, teacher
     motion_bucket: int = 127        # SVD's motion micro-condition for every training clip (AnimateLCM's)
     dinov2: str = ""                # a transformers Dinov2Model folder for the discriminator (else torch.hub)
@@ -454,7 +454,7 @@ def train_stage(name, cfg, run, mode):
               f"{run.device} {run.ptdtype}, params "
               + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for k, m in spec.models.items()))
     loader = torch.utils.data.DataLoader(StepBatches(run.dataset, B, run.rank, run.world), batch_size=None,
-                                         sampler=range(start, steps), num_workers=cfg.workers if cfg.data else 0,
+                                         sampler=range(start, steps), num_workers=min(cfg.workers, os.cpu_count() or 1) if cfg.data else 0,
                                          pin_memory=run.device.type == "cuda" and bool(cfg.data))
     sums, n, t0 = {}, 0, time.time()
     with tqdm(total=steps, initial=start, desc=f"stage {name}", disable=not run.master, dynamic_ncols=True) as bar:

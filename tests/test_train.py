@@ -11,6 +11,7 @@ import torch
 
 import evaluate
 import sample
+from data import SyntheticVideos, write_video
 import train
 import unet
 
@@ -168,3 +169,17 @@ def test_grad_checkpoint_is_this_stages_flag_not_the_teachers(tiny_run, tmp_path
     calls.clear()
     assert train.main(["--stage", "2", *common]) == 0
     assert not calls
+
+
+def test_folder_videos_decode_in_worker_processes_with_the_same_batches(tmp_path, fast_args):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(4):
+        write_video(str(videos / f"{i}.mp4"), SyntheticVideos(32, 16).batch([i])["video"][0], fps=8)
+    runs = {}
+    for workers in ("0", "2"):                              # the main thread, then the default's processes
+        out = str(tmp_path / f"w{workers}")
+        args = ["--stage", "ae", "--steps", "3", "--data", str(videos), "--workers", workers, "--out", out]
+        assert train.main([*args, *fast_args]) == 0
+        runs[workers] = {s: r["loss"] for s, r in losses(out).items()}
+    assert sorted(runs["0"]) == [1, 2, 3] and runs["0"] == runs["2"]
