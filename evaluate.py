@@ -172,6 +172,8 @@ def feature_loss(net, clip, labels):
 def train_feature_net(source, image_size, num_frames, path, steps=1500, batch_size=32, device="cpu",
                       frame_stride=1, seed=0):
     """Train the FVD-syn network on `source` ("synthetic" or a folder of videos) and save it to `path`."""
+    if steps < 3:
+        raise UserError(f"the FVD-syn network needs at least 3 training steps, not {steps}")
     torch.manual_seed(seed)
     synthetic = source == "synthetic"
     if synthetic:
@@ -180,10 +182,9 @@ def train_feature_net(source, image_size, num_frames, path, steps=1500, batch_si
         data = VideoFolder(source, image_size, 2 * num_frames, frame_stride)
     net = FeatureNet(image_size, num_frames).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    if steps < 3:
-        raise UserError(f"the FVD-syn network needs at least 3 training steps, not {steps}")
     # a 5% warm-up, at least two steps (OneCycleLR divides by zero when its warm-up ends at step 0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=max(0.05, 2 / steps))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps,
+                                                pct_start=max(0.05, 2 / steps))
     gen = torch.Generator().manual_seed(seed)
     for step in tqdm(range(steps), desc="FVD-syn features", dynamic_ncols=True):
         batch = data.batch(range(step * batch_size, (step + 1) * batch_size))
@@ -365,7 +366,7 @@ def run_row(D, ae, cfg, real, steps, guidance, sampler="heun", batch_size=50, se
         sl = slice(max(i, 0) * batch_size, (max(i, 0) + 1) * batch_size)      # i = -1: warm-up batch
         torch.manual_seed(seed + max(i, 0))
         cond = ae.condition(real["video"][sl][:, 0], real["fps"][sl], real["motion"][sl],
-                         torch.full((len(real["video"][sl]),), 0.02, device=dev))
+                            torch.full((len(real["video"][sl]),), 0.02, device=dev))
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -118,7 +118,7 @@ def consistency_sigmas(steps, grid):
 
 
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "consistency": sample_consistency, "tts": sample_tts}
-TTS_SIGMA = 0.5         # the Time Travel Sampler's level s (ours, measured: docs/experiments.md)
+TTS_SIGMA = 0.5         # the Time Travel Sampler's level s (ours; 0.25 to 2 all help: docs/experiments.md)
 
 
 def cfg_scale(scale_min, scale_max, num_frames):
@@ -272,7 +272,8 @@ def main(argv=None):
     p.add_argument("--tts", action="store_true", help="a student's one step with the Time Travel Sampler (2 NFE)")
     p.add_argument("--tts-sigma", type=float, default=TTS_SIGMA, help="the Time Travel Sampler's level s")
     p.add_argument("--cfg", type=float, help="guidance scale on the last frame (1 = none); default: the "
-                   "teacher's (SVD-XT: 3.0), 1 for a student (OSV: CFG is distilled in, applying it again over-exposes)")
+                   "teacher's (SVD-XT: 3.0), 1 for a student (OSV: CFG is distilled in, applying it again "
+                   "over-exposes)")
     p.add_argument("--cfg-min", type=float, default=1.0, help="guidance scale on the first frame (SVD's ramp)")
     p.add_argument("--fps", type=float, help="micro-condition for --image (default: SVD's 7; synthetic: 8, 12, 24)")
     p.add_argument("--motion", type=float, help="micro-condition for --image (default: SVD's motion bucket 127; "

@@ -453,8 +453,9 @@ def train_stage(name, cfg, run, mode):
         print(f"stage {name}: steps {start}..{steps}, batch {B} over {run.world} process(es), "
               f"{run.device} {run.ptdtype}, params "
               + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for k, m in spec.models.items()))
+    workers = min(cfg.workers, os.cpu_count() or 1) if cfg.data else 0         # synthetic clips: main thread
     loader = torch.utils.data.DataLoader(StepBatches(run.dataset, B, run.rank, run.world), batch_size=None,
-                                         sampler=range(start, steps), num_workers=min(cfg.workers, os.cpu_count() or 1) if cfg.data else 0,
+                                         sampler=range(start, steps), num_workers=workers,
                                          pin_memory=run.device.type == "cuda" and bool(cfg.data))
     sums, n, t0 = {}, 0, time.time()
     with tqdm(total=steps, initial=start, desc=f"stage {name}", disable=not run.master, dynamic_ncols=True) as bar:

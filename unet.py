@@ -32,7 +32,6 @@ from torch.utils.checkpoint import checkpoint
 from data import UserError
 
 
-
 @dataclass
 class UNetConfig:
     in_channels: int = 8              # 4 noisy-latent channels + 4 of the conditioning frame's latent
