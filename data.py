@@ -22,7 +22,6 @@ import warnings
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 class UserError(Exception):
@@ -83,7 +82,8 @@ class SyntheticVideos:
     def __init__(self, image_size=32, num_frames=8, split="train", device="cpu"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-        self.S, self.T, self.split, self.device = image_size, num_frames, split, torch.device(device)
+        self.H, self.W = (image_size, image_size) if isinstance(image_size, int) else image_size  # S or (H, W)
+        self.T, self.split, self.device = num_frames, split, torch.device(device)
 
     def __getitem__(self, index):
         return {k: v[0] for k, v in self.batch([index]).items()}
@@ -93,7 +93,8 @@ class SyntheticVideos:
         if len(indices) > 64 and self.device.type == "cpu":   # chunks stay in cache: faster on CPU
             parts = [self.batch(indices[i:i + 64]) for i in range(0, len(indices), 64)]
             return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        S, T, K = self.S, self.T, MAX_OBJECTS
+        H, W, T, K = self.H, self.W, self.T, MAX_OBJECTS
+        S = min(H, W)                                            # objects and speeds scale with the short side
         dev = self.device      # generated where it is used: on the GPU, data never limits training
         u = torch.from_numpy(_uniform(SPLITS[self.split], indices, self.N_DRAWS)).float().to(dev)  # (B, n)
         B = u.shape[0]
@@ -107,21 +108,22 @@ class SyntheticVideos:
         # bright, saturated objects on a darker background, so every object is visible
         color = 0.35 + 0.65 * obj[..., 2:5]                                              # (B, K, 3)
         color.scatter_(-1, (obj[..., 5, None] * 3).long(), 1.0)                          # one channel at 1
-        p0 = size[..., None] + (S - 2 * size[..., None]) * obj[..., 6:8]                 # (B, K, 2)
+        wall = torch.tensor([W, H], device=dev).float()                                 # (x, y)
+        p0 = size[..., None] + (wall - 2 * size[..., None]) * obj[..., 6:8]              # (B, K, 2)
         angle = 2 * math.pi * obj[..., 8]
         speed = S * (0.010 + 0.025 * clip[:, 2:2 + K]) * stride[:, None]  # px per output frame
         v = speed[..., None] * torch.stack([angle.cos(), angle.sin()], -1)               # (B, K, 2)
 
         t = torch.arange(T, device=dev).float().view(1, T, 1, 1)
         lo = size[:, None, :, None]                       # the wall is hit when the extent touches it
-        pos, vel = bounce(p0[:, None], v[:, None], t, lo, S - lo)                       # (B, T, K, 2)
+        pos, vel = bounce(p0[:, None], v[:, None], t, lo, wall - lo)                    # (B, T, K, 2)
 
         # Render: signed distance (pixels, > 0 inside) from each pixel centre to each object, at each
         # frame; a one-pixel ramp at the edge anti-aliases. Separable in x and y, so the (H, W) grid
         # only appears in the final broadcast.
-        grid = torch.arange(S, device=dev).float() + 0.5
-        dx = grid.view(1, 1, 1, 1, S) - pos[..., 0, None, None]                         # (B, T, K, 1, W)
-        dy = grid.view(1, 1, 1, S, 1) - pos[..., 1, None, None]                         # (B, T, K, H, 1)
+        gx, gy = torch.arange(W, device=dev).float() + 0.5, torch.arange(H, device=dev).float() + 0.5
+        dx = gx.view(1, 1, 1, 1, W) - pos[..., 0, None, None]                           # (B, T, K, 1, W)
+        dy = gy.view(1, 1, 1, H, 1) - pos[..., 1, None, None]                           # (B, T, K, H, 1)
         r = size[:, None, :, None, None]                                                # (B, 1, K, 1, 1)
         sd_circle = r - (dx * dx + dy * dy).sqrt()
         sd_square = r - torch.maximum(dx.abs(), dy.abs())
@@ -135,11 +137,11 @@ class SyntheticVideos:
         base = 0.05 + 0.25 * clip[:, 5:8]                                               # (B, 3)
         freq = 2 * math.pi * (1 + 2 * clip[:, 8:10]) / S                               # (B, 2)
         amp = 0.06 * (clip[:, 10] < 0.5) * (0.5 + clip[:, 10] * 2)                      # (B,)
-        wave = torch.sin(freq[:, 0, None, None] * grid[None, None] + freq[:, 1, None, None]
-                         * grid[None, :, None] + 2 * math.pi * clip[:, 11, None, None])  # (B, H, W)
+        wave = torch.sin(freq[:, 0, None, None] * gx[None, None] + freq[:, 1, None, None]
+                         * gy[None, :, None] + 2 * math.pi * clip[:, 11, None, None])    # (B, H, W)
         bg = base[:, :, None, None] + amp[:, None, None, None] * wave[:, None]          # (B, 3, H, W)
 
-        img = bg[:, None].expand(B, T, 3, S, S)
+        img = bg[:, None].expand(B, T, 3, H, W)
         for k in range(K):       # painter's order: later objects in front
             a = alpha[:, :, k, None]                                                     # (B, T, 1, H, W)
             img = img * (1 - a) + color[:, None, k, :, None, None] * a
@@ -156,6 +158,27 @@ class SyntheticVideos:
 
 # ----------------------------------------------------------------------------------------------
 # Resizing shared by video frames and images
+
+def parse_size(text):
+    """"320x576" -> (320, 576): height x width."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        assert h > 0 and w > 0
+        return h, w
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW (for example 576x1024)") from None
+
+
+def frame_size(size, image_size):
+    """A run's frames (H, W): its --size "HxW", else image_size (a side, or the published SVD's (H, W))."""
+    if size:
+        try:
+            return parse_size(size)
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"--size {e}") from None
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
 
 def _fit(w, h, size):
     """Scaled (w, h) that covers size = (H, W) with the least scaling (the short side for a square)."""

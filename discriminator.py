@@ -86,7 +86,8 @@ class ViTBackbone(nn.Module):
 
 class DINOv2Backbone(nn.Module):
     """An adapter for DINOv2 (Oquab et al. 2023), the paper's backbone: [-1, 1] -> ImageNet-normalised,
-    resized to `size` (a multiple of the patch size), features of 4 evenly spaced blocks via the hub
+    the short side resized to `size` and the long one in proportion (multiples of the patch size; a
+    320x576 video keeps its aspect), features of 4 evenly spaced blocks via the hub
     model's `get_intermediate_layers(x, n, reshape=True)`. `model` is the hub module or any stand-in with
     that method and `embed_dim`, `patch_size`, `blocks` (the tests use a small one)."""
 
@@ -102,7 +103,10 @@ class DINOv2Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1))
 
     def forward(self, x):
-        x = F.interpolate((x + 1) / 2, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        h, w = x.shape[-2:]                 # the short side to `size`, the long one kept in proportion
+        p, s = self.model.patch_size, self.size / min(h, w)
+        hw = (max(p, round(h * s / p) * p), max(p, round(w * s / p) * p))           # multiples of the patch
+        x = F.interpolate((x + 1) / 2, size=hw, mode="bilinear", align_corners=False)
         return list(self.model.get_intermediate_layers((x - self.mean) / self.std, n=self.layers, reshape=True))
 
 
@@ -142,6 +146,8 @@ def load_dinov2(name="dinov2_vits14", path=""):
 
 
 def make_backbone(name, ae, dinov2=""):
+    if isinstance(name, nn.Module):             # a backbone built by the caller (bench.py's random DINOv2)
+        return name
     if name == "ae":
         return AEEncoderBackbone(ae)
     if name == "vit":
@@ -222,10 +228,15 @@ class Discriminator(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The hinge losses on the logits (OSV's Stage 1 and 2 losses; StyleGAN-T, PCM)
 
+def mean0(x):
+    """The mean, 0 for no elements (a batch with no judged fake; Stage 1 at batch 1)."""
+    return x.mean() if x.numel() else x.sum()
+
+
 def hinge_d(real_logits, fake_logits):
     """The discriminator's hinge loss, ReLU(1 - disc(real)) + ReLU(1 + disc(fake)), each head's logits
-    averaged, then the heads averaged (StyleGAN-T, PCM)."""
-    return torch.stack([F.relu(1 - r.float()).mean() + F.relu(1 + f.float()).mean()
+    averaged, then the heads averaged (StyleGAN-T, PCM). No fakes: the real term alone."""
+    return torch.stack([F.relu(1 - r.float()).mean() + mean0(F.relu(1 + f.float()))
                         for r, f in zip(real_logits, fake_logits)]).mean()
 
 
@@ -236,7 +247,8 @@ def hinge_g(fake_logits):
 
 
 def accuracy(logits, real):
-    """Share of logits on the right side of 0 (real > 0, fake < 0), over all heads' outputs."""
+    """Share of logits on the right side of 0 (real > 0, fake < 0), over all heads' outputs; nan for
+    none (the loop's log averages over the steps that had some)."""
     flat = torch.cat([x.float().flatten() for x in logits])
     return ((flat > 0) if real else (flat < 0)).float().mean()
 

@@ -24,13 +24,16 @@ Choices the paper leaves open, made here (docs/paper.md lists them; docs/experim
   to the teacher's solution (Eq. 8 with n = 1, the m steps spread over the whole way down), the rest
   uniform on the grid. A departure from Eq. (8) as written.
 """
+import copy
+
 import torch
 
 from data import UserError
 from discriminator import Discriminator, accuracy, hinge_d, hinge_g, split_logits
 from gan import make_disc_optimizer, pseudo_huber
 from sample import cfg_scale, guided, karras_sigmas, sigma_grid
-from unet import EMA, latents_and_condition, make_student
+from lora import load_trained, teacher_of, to_student
+from unet import EMA, latents_and_condition
 
 
 def teacher_solve(D, x, levels):
@@ -54,21 +57,21 @@ def distill_weight(t_n, t_nm):
 
 def jump_levels(grid, m, B, top_share=0.0, direct_share=0.0, direct_sigma=1.0):
     """Each sample's levels for the teacher's walk, (m + 1, B), from where the student jumps (t_{n+m})
-    down to where the target predicts (t_n). The paper draws n "from the grid" and says no more. Ours,
-    three kinds of jump:
-      - round(top_share B) samples from the top level t_N, where one-step sampling starts (as Stage 1);
-      - round(direct_share B) from direct_sigma all the way down: the m Euler steps spread over the
-        teacher's own Karras levels from direct_sigma to sigma_min = t_1, where the target network is
-        exact by the boundary condition (f(x, sigma_min) = x), so the target is the teacher's solution
-        itself, free of the target network's error (Eq. 8 with n = 1);
-      - the rest: t_{n+m} uniform on the grid and m grid steps down (OSV Eq. 8 as written)."""
+    down to where the target predicts (t_n). The paper draws n "from the grid" and says no more. Ours:
+    each sample draws one of three kinds of jump, whatever the batch size:
+      - with probability top_share, from the top level t_N, where one-step sampling starts (as Stage 1);
+      - with probability direct_share, from direct_sigma all the way down: the m Euler steps spread over
+        the teacher's own Karras levels from direct_sigma to sigma_min = t_1, where the target network
+        is exact by the boundary condition (f(x, sigma_min) = x), so the target is the teacher's
+        solution itself, free of the target network's error (Eq. 8 with n = 1);
+      - else t_{n+m} uniform on the grid and m grid steps down (OSV Eq. 8 as written)."""
     n = torch.randint(len(grid) - m, (B,), device=grid.device)                        # n + m <= N - 1
-    k_top, k_direct = round(top_share * B), round(direct_share * B)
-    n[:k_top] = len(grid) - 1 - m                                                      # t_{n+m} = t_N
+    u = torch.rand(B, device=grid.device)                                               # each sample's kind
+    top, direct = u < top_share, (u >= top_share) & (u < top_share + direct_share)
+    n = torch.where(top, len(grid) - 1 - m, n)                                         # t_{n+m} = t_N
     levels = torch.stack([grid[n + m - j] for j in range(m + 1)])                     # (m + 1, B)
     down = karras_sigmas(m + 1, float(grid[0]), direct_sigma, rho=7.0)[:-1]          # direct_sigma ... sigma_min
-    levels[:, k_top:k_top + k_direct] = down.to(levels).view(-1, 1)
-    return levels
+    return torch.where(direct, down.to(levels).view(-1, 1), levels)
 
 
 def acd_pair(f, f_target, solve, x0, eps, levels):
@@ -94,7 +97,8 @@ class ACD:
 
     def step(self, f, f_target, teacher, disc, x0, cond, update, disc_wrapped=None):
         """One Stage 2 step on real latents x0. f: the student, f_target: the EMA target, teacher: the
-        frozen denoiser; all take (x, sigma, cond). disc, disc_wrapped, update: as in gan.LGP.step."""
+        frozen denoiser; all take (x, sigma, cond). disc, disc_wrapped, update: as in gan.LGP.step.
+        The teacher and the target run before the student's forward: they share its weights."""
         levels = jump_levels(self.grid, self.m, len(x0), self.top_share, self.direct_share, self.direct_sigma)
         D_teacher, _ = guided(teacher, cond, self.scale)                               # CFG in every step
         student, target = acd_pair(lambda x, s: f(x, s, cond), lambda x, s: f_target(x, s, cond),
@@ -123,13 +127,15 @@ def teacher_scale(cfg):
         raise UserError(f"--teacher-cfg must be 'ramp' or a number, not {cfg.teacher_cfg!r}") from None
 
 
-def setup_stage2(cfg, ae, teacher, stage1, device):
-    """`python train.py --stage 2`: student and target from Stage 1's EMA student (`stage1`, its
-    checkpoint dict), LoRA unmerged and trainable, plus the temporal blend scalars alpha of every video
-    block (the "specific layers" we unfreeze: they set how much each block mixes time, and cost
-    nothing); the discriminator from Stage 1; the frozen teacher. stage1 None (--from-teacher, the
-    ablation "no Stage 1"): the student from the teacher with fresh LoRA, a fresh discriminator.
-    Returns the parts train.py's loop assembles."""
+def setup_stage2(cfg, ae, base, stage1, device, dtype=None):
+    """`python train.py --stage 2`: the student from Stage 1's EMA adapters (`stage1`, its checkpoint
+    dict) on the teacher's weights (`base`, in place: they stay frozen, stored in `dtype`), LoRA unmerged
+    and trainable, plus a delta on the temporal blend scalar alpha of every video block (the "specific
+    layers" we unfreeze: they set how much each block mixes time, and cost nothing); the discriminator
+    from Stage 1. One copy of the base serves three networks: the student, the EMA target (its adapters'
+    average swapped in) and the teacher (its adapters off, `lora.teacher_of`). stage1 None
+    (--from-teacher, the ablation "no Stage 1"): fresh LoRA, a fresh discriminator. Returns the parts
+    train.py's loop assembles."""
     if not 1 <= cfg.m < cfg.grid_size:
         raise UserError(f"--m must be between 1 and {cfg.grid_size - 1}")
     if cfg.stage2_top < 0 or cfg.stage2_direct < 0 or cfg.stage2_top + cfg.stage2_direct > 1:
@@ -137,28 +143,31 @@ def setup_stage2(cfg, ae, teacher, stage1, device):
     if not cfg.sigma_min < cfg.direct_sigma <= cfg.sigma_max:
         raise UserError(f"--direct-sigma must lie in ({cfg.sigma_min}, {cfg.sigma_max}], the grid's range")
     scale = teacher_scale(cfg)
-    teacher.eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     lora = stage1["lora"] if stage1 is not None else {"rank": cfg.lora_rank, "convs": cfg.lora_convs}
-    f, _ = make_student(teacher, cfg.sigma_min, lora["rank"], lora["convs"])
+    lora = {**lora, "blends": True}
+    # full fine-tuning (rank 0) trains the base itself: only then is the teacher a copy of its own
+    own = copy.deepcopy(base).eval().requires_grad_(False) if lora["rank"] == 0 else None
+    f, params = base, to_student(base, cfg.sigma_min, lora, dtype)
     if stage1 is not None:
-        f.load_state_dict(stage1["ema"]["student"])
-    for name, p in f.named_parameters():
-        if name.endswith("mix_factor"):
-            p.requires_grad_(True)
+        load_trained(f, stage1["ema"]["student"], fresh=("delta",))
+    teacher = own if own is not None else teacher_of(f)
     dcfg = type(cfg)(**stage1["config"]) if stage1 is not None else cfg   # disc as Stage 1 built it
     disc = Discriminator(ae, dcfg.disc_backbone, dcfg.disc_input, dcfg.disc_r or None, dinov2=cfg.dinov2).to(device)
     if stage1 is not None:
         disc.load_state_dict(stage1["models"]["disc"])
     target = EMA(f, cfg.target_decay, warmup=False)                  # theta-, updated by the loop each step
-    opts = {"student": torch.optim.Adam([p for p in f.parameters() if p.requires_grad], lr=cfg.stage2_lr),
-            "disc": make_disc_optimizer(disc, cfg.disc_lr)}
+    opts = {"student": torch.optim.Adam(params, lr=cfg.stage2_lr), "disc": make_disc_optimizer(disc, cfg.disc_lr)}
     acd = ACD(sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(device), cfg.m, scale, cfg.lambda_adv,
               cfg.huber_c, cfg.stage2_top, cfg.stage2_direct, cfg.direct_sigma)
 
+    def f_target(*args):
+        with target.swapped():
+            return f(*args)
+
     def step(nets, batch, update):
         x0, cond = latents_and_condition(ae, batch)                                # (B, T, c, h, w)
-        return acd.step(nets["student"], target.model, teacher, disc, x0, cond, update, nets["disc"])
+        return acd.step(nets["student"], f_target, teacher, disc, x0, cond, update, nets["disc"])
 
     return {"models": {"student": f, "disc": disc}, "opts": opts, "ema": {"student": target}, "step": step,
             "extra": {"lora": lora}}

@@ -297,6 +297,32 @@ def diagnostics(fake, real, cond=None):
     return d
 
 
+def stage_checks(label, ema, ae, run, cfg, steps, scale, sampler):
+    """sample(path) and finish() of a video model's training stage (train.py), with its EMA weights:
+    held-out clips above the model's videos from their first frames (as the report samples them); the
+    diagnostics on up to 64 of them. run: train.py's Run (eval_batch, device, eval_name, master)."""
+    def videos(n):
+        b = run.eval_batch(n)
+        cond = ae.condition(b["video"][:, 0], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
+        with ema.swapped() as D:
+            z, _ = generate(D, cond, cfg.num_frames, steps, scale, sampler, cfg.sigma_min, cfg.sigma_max,
+                            seed=cfg.seed, grid_size=cfg.grid_size)
+        return b["video"], ae.decode_video(z).clamp(-1, 1)
+
+    def sample(path):
+        write_video(path, torch.cat(videos(4)), fps=8, ncol=4)          # top: real; bottom: generated
+
+    def finish():
+        n = min(64, cfg.eval_clips)
+        real, fake = videos(n)
+        d = diagnostics(fake, real, real[:, 0])
+        if run.master:
+            print(f"{label} on {n} {run.eval_name}: first-frame PSNR {d['first_frame_psnr']:.2f} dB, static-video "
+                  f"rate {d['static_rate']:.3f}, motion relative to real {d['motion_ratio']:.3f}")
+        return {"diagnostics": d}
+    return sample, finish
+
+
 # ----------------------------------------------------------------------------------------------
 # Corruptions that a video metric must notice (used by --sanity and the tests)
 
@@ -402,6 +428,8 @@ def write_report(run_dir, num=500, device="cpu", feature_steps=1500, max_steps=0
         for m in models.values():
             m[2]["sigma_max"] = sigma_max
     cfg = next(iter(models.values()))[2]
+    if cfg.get("size"):
+        raise UserError(f"{run_dir} trained at --size {cfg['size']}: the report measures square synthetic runs")
     S, T = cfg["image_size"], cfg["num_frames"]
     features = load_feature_net(os.path.join(run_dir, f"fvdsyn_synthetic_{S}x{T}.pt"), "synthetic", S, T,
                                 device, steps=feature_steps)

@@ -10,7 +10,8 @@ t_n of the 100-point grid straight to a clean latent. Its loss pulls that toward
 
 Two choices the paper leaves open, both measured (docs/experiments.md): which levels t_n are drawn
 (`LGP.draw_levels`: a share at the top level, the rest uniform), and which fakes meet the
-discriminator (`LGP.meets_disc`: only those from levels >= adv_min_sigma; 0 is the paper's form).
+discriminator (`LGP.meets_disc`: only those from levels >= adv_min_sigma, sample by sample; 0 is
+the paper's form).
 
 Read first: `LGP.step`, then `setup_stage1` (what `python train.py --stage 1` builds).
 """
@@ -18,7 +19,8 @@ import torch
 
 from discriminator import Discriminator, accuracy, hinge_d, hinge_g, split_logits
 from sample import sigma_grid
-from unet import EMA, latents_and_condition, make_student
+from lora import to_student
+from unet import EMA, latents_and_condition
 
 
 def pseudo_huber(a, b, c=0.001):
@@ -45,30 +47,31 @@ class LGP:
         return self.grid.to(device)[torch.where(top, len(self.grid) - 1, n)]                   # (B,)
 
     def meets_disc(self, sigma):
-        """Which fakes the discriminator judges: those generated from a level >= adv_min_sigma (and at
-        least the batch's highest). Below sigma_data = 1 the noisy input already shows the clip, f's
-        output reconstructs its real latent, and calling one fake and the other real contradicts itself."""
-        return sigma >= torch.clamp(sigma.max(), max=self.adv_min_sigma)
+        """Which fakes the discriminator judges, sample by sample: those generated from a level >=
+        adv_min_sigma. Below sigma_data = 1 the noisy input already shows the clip, f's output
+        reconstructs its real latent, and calling one fake and the other real contradicts itself."""
+        return sigma >= self.adv_min_sigma
 
     def step(self, f, disc, x0, cond, update, disc_wrapped=None):
         """One Stage 1 step on real latents x0 (B, T, c, h, w). f: the student; disc: the discriminator,
-        used in the generator's loss (the gradients it gets there are dropped); disc_wrapped: the same
-        module as the loop wraps it (DDP) for its own update, default disc. update(loss, name) steps the
-        optimiser `name` ("student" or "disc") on that loss alone."""
+        used in the generator's loss (its gradient goes to the student alone); disc_wrapped: the same
+        module as the loop wraps it (DDP) for its own loss, default disc. update(loss, name)
+        backpropagates `loss` into the parameters of optimiser `name` ("student" or "disc") only."""
         B = len(x0)
         sigma = self.draw_levels(B, x0.device)                                                # t_n
         x_t = x0 + sigma.view(B, 1, 1, 1, 1) * torch.randn_like(x0)                          # x_{t_n}
         fake = f(x_t, sigma, cond)                                                            # f_theta(x_tn, t_n)
-        judged = self.meets_disc(sigma)
+        judged = self.meets_disc(sigma)                                                       # (B,) bool
+        n_fake = int(judged.sum())                  # may be 0 (at batch 1, often): no adversarial term
 
         # generator: L_g1 = d(x_0, f) + 0.1 ReLU(1 - disc(f))
         rec = pseudo_huber(fake, x0, self.c).mean()
-        adv = hinge_g(disc(fake[judged]))
+        adv = hinge_g(disc(fake[judged])) if n_fake else rec.new_zeros(())
         update(rec + self.lambda_adv * adv, "student")
 
         # discriminator: L_d1, every real latent "real", the judged fakes "fake"; one pass over both
         logits = (disc_wrapped or disc)(torch.cat([x0, fake.detach()[judged]]))
-        real_logits, fake_logits = split_logits(logits, B, B + int(judged.sum()))
+        real_logits, fake_logits = split_logits(logits, B, B + n_fake)
         loss_d = hinge_d(real_logits, fake_logits)
         update(loss_d, "disc")
         return {"loss": rec + self.lambda_adv * adv, "rec": rec, "adv_g": adv, "loss_d": loss_d,
@@ -80,11 +83,13 @@ def make_disc_optimizer(disc, lr):
     return torch.optim.Adam([p for p in disc.parameters() if p.requires_grad], lr=lr, betas=(0.0, 0.99))
 
 
-def setup_stage1(cfg, ae, teacher, device):
-    """`python train.py --stage 1`: the student and its EMA from the teacher's weights, a fresh
-    discriminator, their optimisers and the step. Returns the parts train.py's loop assembles."""
+def setup_stage1(cfg, ae, teacher, device, dtype=None):
+    """`python train.py --stage 1`: the student from the teacher (in place: its weights become the
+    frozen base, stored in `dtype`) and the EMA of its adapters, a fresh discriminator, their
+    optimisers and the step. Returns the parts train.py's loop assembles."""
     torch.manual_seed(cfg.seed)
-    f, params = make_student(teacher, cfg.sigma_min, cfg.lora_rank, cfg.lora_convs)
+    lora = {"rank": cfg.lora_rank, "convs": cfg.lora_convs}
+    f, params = teacher, to_student(teacher, cfg.sigma_min, lora, dtype)
     disc = Discriminator(ae, cfg.disc_backbone, cfg.disc_input, cfg.disc_r or None, dinov2=cfg.dinov2).to(device)
     ema = EMA(f, cfg.ema_decay)
     opts = {"student": torch.optim.Adam(params, lr=cfg.stage1_lr), "disc": make_disc_optimizer(disc, cfg.disc_lr)}
@@ -96,4 +101,4 @@ def setup_stage1(cfg, ae, teacher, device):
         return lgp.step(nets["student"], disc, x0, cond, update, nets["disc"])
 
     return {"models": {"student": f, "disc": disc}, "opts": opts, "ema": {"student": ema}, "step": step,
-            "extra": {"lora": {"rank": cfg.lora_rank, "convs": cfg.lora_convs}}}
+            "extra": {"lora": lora}}

@@ -23,8 +23,9 @@ import torch
 
 import svd
 from autoencoder import AEConfig, AutoEncoder
-from data import SyntheticVideos, UserError, load_image, write_video
-from unet import Denoiser, UNetConfig, add_lora, merge_lora
+from data import SyntheticVideos, UserError, frame_size, load_image, parse_size, write_video
+from lora import load_trained, merge_lora, to_student
+from unet import Denoiser, UNetConfig
 
 
 def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -228,34 +229,29 @@ def load_svd(path, device="cpu"):
 
 def load_model(path, device="cpu"):
     """A finished checkpoint of a video model (teacher, stage 1, stage 2) -> (denoiser with EMA weights,
-    autoencoder, config dict, stage name). One-line errors for anything else. A student of the published
-    SVD rebuilds SVD from the folder its checkpoint names."""
+    autoencoder, config dict, stage name). One-line errors for anything else. A student holds only its
+    adapters: it is rebuilt on the base its checkpoint names (the run's teacher.pt, or SVD's folder)."""
     ckpt = load_checkpoint(path, ("teacher", "1", "2"))
     if ckpt["config"].get("svd"):
         D, ae, cfg, _ = load_svd(ckpt["config"]["svd"])
         cfg = {**cfg, **ckpt["config"]}
     else:
-        D = Denoiser.new(UNetConfig(**ckpt["unet_config"]), ckpt["ae_config"]["latent_channels"])
         ae, cfg = AutoEncoder(AEConfig(**ckpt["ae_config"])), ckpt["config"]
         ae.load_state_dict(ckpt["ae_state"])
-    if ckpt["stage"] == "teacher":
-        D.load_state_dict(ckpt["ema"]["denoiser"])
-    else:                                      # a student: consistency parametrisation, LoRA merged for speed
-        D.sigma_min = ckpt["sigma_min"]
-        add_lora(D, ckpt["lora"]["rank"], convs=ckpt["lora"]["convs"])
-        D.load_state_dict(ckpt["ema"]["student"])
+        D = Denoiser.new(UNetConfig(**ckpt["unet_config"]), ckpt["ae_config"]["latent_channels"])
+        if ckpt["stage"] == "teacher":
+            D.load_state_dict(ckpt["ema"]["denoiser"])
+        else:
+            base = os.path.join(os.path.dirname(path), ckpt["base"])
+            if not os.path.isfile(base):
+                raise UserError(f"{path} holds adapters on its teacher {base}, which is missing: "
+                                f"keep a run folder's checkpoints together")
+            D = load_teacher(base)[0]
+    if ckpt["stage"] != "teacher":             # a student: its adapters on the base, merged for speed
+        to_student(D, ckpt["sigma_min"], ckpt["lora"])
+        load_trained(D, ckpt["ema"]["student"])
         merge_lora(D)
     return D.to(device).eval(), ae.to(device).eval(), cfg, ckpt["stage"]
-
-
-def parse_size(text):
-    """"320x576" -> (320, 576): height x width."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-        assert h > 0 and w > 0
-        return h, w
-    except (ValueError, AssertionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not HxW (for example 576x1024)") from None
 
 
 def main(argv=None):
@@ -297,7 +293,7 @@ def main(argv=None):
         a.cfg = a.cfg if a.cfg is not None else (cfg["cfg_max"] if teacher else 1.0)
         if a.sampler in ("consistency", "tts") and teacher:
             raise UserError(f"the {a.sampler} sampler needs a student (stage 1 or 2 checkpoint), not the teacher")
-        size, T = a.size or cfg["image_size"], a.frames or cfg["num_frames"]
+        size, T = a.size or frame_size(cfg.get("size"), cfg["image_size"]), a.frames or cfg["num_frames"]
         if a.image:
             frame = load_image(a.image, size)[None]
             fps = torch.tensor([a.fps if a.fps is not None else svd.FPS if real_svd else 12.0])

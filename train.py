@@ -34,111 +34,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import bench
 import distill
 import gan
+import latents
+import lora
 import svd
 import unet
 from autoencoder import AEConfig, AutoEncoder, ae_loss, measure_scale_factor, psnr
-from data import FixedMotion, StepBatches, SyntheticVideos, UserError, VideoFolder, write_video
-from evaluate import diagnostics, write_report
-from sample import cfg_scale, generate, load_ae, load_checkpoint, load_teacher
-
-
-@dataclass
-class Config:
-    # data
-    image_size: int = 32
-    num_frames: int = 8
-    data: str = ""                  # a folder of videos; empty: the synthetic bouncing shapes
-    frame_stride: int = 1           # folder videos: keep every n-th frame
-    workers: int = 4                # folder videos: decoding processes (at most the CPU count; 0: main thread)
-    svd: str = ""                   # the published SVD's pipeline folder (svd.py): teacher, VAE, CLIP; no ae, teacher
-    motion_bucket: int = 127        # SVD's motion micro-condition for every training clip (AnimateLCM's)
-    dinov2: str = ""                # a transformers Dinov2Model folder for the discriminator (else torch.hub)
-    # autoencoder (autoencoder.py); ours: small enough to train in minutes on a CPU
-    ae_channels: tuple = (16, 32, 64)
-    ae_latent_channels: int = 4
-    ae_kl_weight: float = 1e-6      # SD's first-stage kl_weight
-    ae_steps: int = 2000
-    ae_batch_size: int = 32         # clips; the autoencoder sees one random frame of each
-    ae_lr: float = 2e-3
-    # teacher (unet.py): SVD's video UNet trained with EDM's denoising loss
-    unet: str = "tiny"              # VideoUNet preset in unet.py: tiny, small, svd
-    unet_channels: int = 0          # overrides the preset's model_channels when > 0
-    grad_checkpoint: bool = False   # gradient checkpointing per UNet block
-    teacher_steps: int = 1200
-    teacher_batch_size: int = 8
-    teacher_lr: float = 5e-4
-    # ln sigma ~ N(p_mean, p_std). Ours: between EDM's image default (-1.2, 1.2) and SVD fine-tuners' (0.7, 1.6)
-    p_mean: float = 0.0
-    p_std: float = 1.2
-    cond_drop: float = 0.1          # conditioning dropout so that CFG works (ours, as SD's 0.1)
-    sigma_min: float = 0.002        # EDM and SVD
-    # the top noise level of every sampler and of the students' grid. Ours: EDM's 80 (SVD: 700) lies far
-    # outside what our teacher trains on (docs/experiments.md, "The top noise level")
-    sigma_max: float = 8.0
-    cfg_min: float = 1.0            # SVD's per-frame guidance ramp, first to last frame (svd.yaml: 1.0 -> 2.5)
-    cfg_max: float = 2.5
-    sample_steps: int = 25          # SVD: 25 steps
-    # Stage 1, latent GAN pretraining (gan.py, discriminator.py); "ours" = not given by the paper
-    stage1_steps: int = 400         # the paper: 2K iterations
-    stage1_batch_size: int = 8      # the paper: 1 per GPU x 8 GPUs
-    stage1_lr: float = 2e-4         # LoRA's Adam; the paper's 5e-6 is for SVD at 2K steps, far too slow here
-    disc_lr: float = 2e-4           # ours
-    lora_rank: int = 8              # ours; 0 = full fine-tuning (the paper's negative result)
-    lora_convs: bool = True         # LoRA on the convolutions too, not only attention (ours)
-    grid_size: int = 100            # OSV: 100 timesteps
-    # Stage 1's levels (gan.LGP.draw_levels; the paper: "from the grid"). Ours: half at the top level,
-    # where one-step sampling starts, half uniform (docs/experiments.md)
-    stage1_top: float = 0.5
-    # ours: only fakes from levels >= this meet the discriminator (gan.LGP.meets_disc); 0 is the paper's
-    # form, every fake (docs/experiments.md)
-    adv_min_sigma: float = 1.0
-    lambda_adv: float = 0.1         # OSV: the adversarial weight in both stages
-    huber_c: float = 0.001          # OSV (from LCM): pseudo-Huber c
-    disc_backbone: str = "ae"       # ae | vit | dinov2 (discriminator.py; the offline default is measured)
-    disc_input: str = "latent"      # latent (OSV) | decoded (the paper's Table 2e ablation)
-    disc_r: int = 0                 # PixelShuffle factor; 0 = autoencoder downsampling / 2 (OSV: 4 on 1/8)
-    # Stage 2, adversarial consistency distillation (distill.py)
-    stage2_steps: int = 200         # the paper: 20K iterations
-    stage2_batch_size: int = 8      # the paper: 1 per GPU x 2 GPUs
-    stage2_lr: float = 1e-4         # ours (the paper: 5e-6 at SVD scale)
-    m: int = 5                      # OSV: the teacher walks 5 grid steps per target
-    # Stage 2's jumps (distill.jump_levels; the paper: n "from the grid"). Ours: half from the top level, a
-    # quarter from direct_sigma straight to the teacher's solution, the rest uniform (docs/experiments.md)
-    stage2_top: float = 0.5
-    stage2_direct: float = 0.25
-    direct_sigma: float = 1.0
-    teacher_cfg: str = "ramp"       # CFG in the teacher's steps: SVD's ramp cfg_min -> cfg_max, or a number
-    target_decay: float = 0.95      # EMA of the target network (Song et al. 2023's fixed mu)
-    from_teacher: bool = False      # the ablation "no Stage 1": ACD from the teacher, LoRA and disc from scratch
-    # the loop
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    warmup: int = 100               # steps of linear learning-rate warm-up
-    log_every: int = 50
-    sample_every: int = 500
-    ckpt_every: int = 500
-    eval_clips: int = 256           # held-out clips for the end-of-stage measurement
-    report_clips: int = 200         # held-out clips per row of the report that ends --stage all
-    feature_steps: int = 1500       # training steps of the FVD-syn feature network (evaluate.py)
-    seed: int = 0
-    device: str = ""                # empty: cuda if available, else cpu
-    dtype: str = ""                 # empty: bfloat16 on CUDA, float32 on CPU
-    compile: bool = False
-
-
-PRESETS = {
-    "tiny": {},                     # CPU, minutes: the defaults above
-    "small": dict(image_size=64, num_frames=16, ae_channels=(32, 64, 128), ae_steps=20000,
-                  ae_batch_size=64, ae_lr=1e-3, unet="small", teacher_steps=50000, teacher_batch_size=32,
-                  teacher_lr=2e-4, sample_every=2000, ckpt_every=2000),
-}
-STAGES = ["ae", "teacher", "1", "2"]                    # the pipeline, in order
-PREFIX = {"ae": "ae", "teacher": "teacher", "1": "stage1", "2": "stage2"}   # config-field prefixes
-# fields that may change when a run is resumed; anything else must match the checkpoint
-RUN_FIELDS = {"device", "dtype", "compile", "grad_checkpoint", "workers", "log_every", "sample_every", "ckpt_every",
-              "eval_clips", "report_clips", "feature_steps"} | {f"{p}_steps" for p in PREFIX.values()}
+from data import FixedMotion, StepBatches, SyntheticVideos, UserError, VideoFolder, frame_size, write_video
+from evaluate import stage_checks, write_report
+from config import PREFIX, PRESETS, RUN_FIELDS, STAGES, Config
+from sample import cfg_scale, load_ae, load_checkpoint, load_teacher
 
 
 class NonFiniteLoss(Exception):
@@ -149,8 +56,8 @@ class NonFiniteLoss(Exception):
 class Stage:
     """What a stage gives the loop. `step(nets, batch, update)` runs one training step: nets are the
     (DDP-wrapped, compiled) versions of `models`; `update(loss, name)` backpropagates `loss` alone into
-    optimiser `name`'s parameters and steps it. It returns a dict of scalar tensors to log, which must
-    include "loss"."""
+    optimiser `name`'s parameters; the loop steps every optimiser after the step (after all its
+    micro-batches, --grad-accum). It returns a dict of scalar tensors to log, which must include "loss"."""
     models: dict
     opts: dict
     step: object
@@ -182,12 +89,14 @@ def setup_ae(cfg, run):
 
     def sample(path):
         v = run.eval_batch(8)["video"]
-        write_video(path, torch.cat([v, ema.model.decode_video(ema.model.encode_video(v))]),
-                    fps=8, ncol=8)          # top row: input; bottom row: reconstruction
+        with ema.swapped() as ae, torch.no_grad():
+            write_video(path, torch.cat([v, ae.decode_video(ae.encode_video(v))]),
+                        fps=8, ncol=8)          # top row: input; bottom row: reconstruction
 
     def finish():
-        sf = measure_scale_factor(ema.model, run.dataset.batch(range(256))["video"].to(run.device))
-        db = psnr(ema.model, run.eval_batch(cfg.eval_clips)["video"])
+        with ema.swapped() as ae, torch.no_grad():
+            sf = measure_scale_factor(ae, run.dataset.batch(range(256))["video"].to(run.device))
+            db = psnr(ae, run.eval_batch(cfg.eval_clips)["video"])
         if run.master:
             print(f"ae: reconstruction PSNR {db:.2f} dB on {cfg.eval_clips} {run.eval_name}; "
                   f"scale_factor {sf:.4f}")
@@ -212,51 +121,29 @@ def setup_teacher(cfg, run):
     ae, ae_config = finished(run, "ae")
     parts = unet.setup_teacher(cfg, ae_config["latent_channels"], ae, run.device)
     label = f"teacher, {cfg.sample_steps} Euler steps with CFG {cfg.cfg_min}->{cfg.cfg_max}"
-    sample, finish = checks(label, parts["ema"]["denoiser"].model, ae, run, cfg, cfg.sample_steps,
+    sample, finish = stage_checks(label, parts["ema"]["denoiser"], ae, run, cfg, cfg.sample_steps,
                             cfg_scale(cfg.cfg_min, cfg.cfg_max, cfg.num_frames), "euler")
     return Stage(parts["models"], parts["opts"], parts["step"], parts["ema"], sample, finish,
                  extra={**parts["extra"], "ae_config": ae_config, "ae_state": ae.state_dict()})
 
 
-def checks(label, D, ae, run, cfg, steps, scale, sampler):
-    """sample(path) and finish() of a video model's stage: held-out clips above the model's videos
-    from their first frames (as the report samples them); the diagnostics on up to 64 of them."""
-    def videos(n):
-        b = run.eval_batch(n)
-        cond = ae.condition(b["video"][:, 0], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
-        z, _ = generate(D, cond, cfg.num_frames, steps, scale, sampler, cfg.sigma_min, cfg.sigma_max,
-                        seed=cfg.seed, grid_size=cfg.grid_size)
-        return b["video"], ae.decode_video(z).clamp(-1, 1)
-
-    def sample(path):
-        write_video(path, torch.cat(videos(4)), fps=8, ncol=4)          # top: real; bottom: generated
-
-    def finish():
-        n = min(64, cfg.eval_clips)
-        real, fake = videos(n)
-        d = diagnostics(fake, real, real[:, 0])
-        if run.master:
-            print(f"{label} on {n} {run.eval_name}: first-frame PSNR {d['first_frame_psnr']:.2f} dB, static-video "
-                  f"rate {d['static_rate']:.3f}, motion relative to real {d['motion_ratio']:.3f}")
-        return {"diagnostics": d}
-    return sample, finish
-
-
 def student_stage(name, parts, ae, ae_config, ucfg, run, cfg, **extra):
     """The Stage of a student (Stage 1 or 2) from the parts gan.py / distill.py return: one-step videos
     of the EMA student, the end-of-stage check, and what loading the checkpoint needs."""
-    sample, finish = checks(f"{name}, 1 step (NFE 1)", parts["ema"]["student"].model, ae, run, cfg, 1, 1.0,
+    sample, finish = stage_checks(f"{name}, 1 step (NFE 1)", parts["ema"]["student"], ae, run, cfg, 1, 1.0,
                             "consistency")
     own_ae = {} if cfg.svd else {"ae_state": ae.state_dict()}          # SVD's encoders stay in its folder
     return Stage(parts["models"], parts["opts"], parts["step"], parts["ema"], sample, finish, cosine=False,
                  extra={"unet_config": ucfg, "ae_config": ae_config, **own_ae, "sigma_min": cfg.sigma_min,
+               "base": cfg.svd or "teacher.pt",                         # the frozen weights the adapters sit on
                         **parts["extra"], **extra})
 
 
 def setup_stage1(cfg, run):
     ae, ae_config = finished(run, "ae")
     teacher, ucfg = finished(run, "teacher")
-    return student_stage("stage 1", gan.setup_stage1(cfg, ae, teacher, run.device), ae, ae_config, ucfg, run, cfg)
+    parts = gan.setup_stage1(cfg, ae, teacher, run.device, run.ptdtype)
+    return student_stage("stage 1", parts, ae, ae_config, ucfg, run, cfg)
 
 
 def setup_stage2(cfg, run):
@@ -268,7 +155,7 @@ def setup_stage2(cfg, run):
         path = path if os.path.isfile(path) else ckpt_path(run, "1", tag="")     # a tag's own Stage 1, if any
         stage1 = load_checkpoint(path, "1", f"python train.py --stage 1 --out {run.out}")
         init = os.path.basename(path)
-    parts = distill.setup_stage2(cfg, ae, teacher, stage1, run.device)
+    parts = distill.setup_stage2(cfg, ae, teacher, stage1, run.device, run.ptdtype)
     return student_stage("stage 2", parts, ae, ae_config, ucfg, run, cfg, init=init)
 
 
@@ -307,13 +194,14 @@ class Run:
                          else torch.autocast(self.device.type, dtype=self.ptdtype))
         self.scaler_enabled = dtype == "float16"
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        hw = frame_size(cfg.size, cfg.image_size)                                    # (H, W)
         if cfg.data:
-            self.dataset = VideoFolder(cfg.data, cfg.image_size, cfg.num_frames, cfg.frame_stride,
+            self.dataset = VideoFolder(cfg.data, hw, cfg.num_frames, cfg.frame_stride,
                                        cache=os.path.join(out, "data_index.json") if self.master else None)
             self.eval_set, self.eval_name = self.dataset, f"clips of {cfg.data} (not held out)"
         else:
-            self.dataset = SyntheticVideos(cfg.image_size, cfg.num_frames, "train", self.device)
-            self.eval_set = SyntheticVideos(cfg.image_size, cfg.num_frames, "test", self.device)
+            self.dataset = SyntheticVideos(hw, cfg.num_frames, "train", self.device)
+            self.eval_set = SyntheticVideos(hw, cfg.num_frames, "test", self.device)
             self.eval_name = "held-out synthetic clips"
         if cfg.svd:         # our motion scores are not on the scale of SVD's motion bucket
             same = self.eval_set is self.dataset
@@ -381,12 +269,17 @@ def open_checkpoint(path, cfg, mode, steps):
     return ckpt
 
 
+def is_student(m):
+    """A student keeps only its trained weights in checkpoints; its base is named beside them."""
+    return isinstance(m, unet.Denoiser) and m.sigma_min is not None
+
+
 def restore(spec, scaler, ckpt):
     """Load a checkpoint's weights, EMAs, optimiser and scaler states into the stage; its step."""
     for k, m in spec.models.items():
-        m.load_state_dict(ckpt["models"][k])
+        lora.load_trained(m, ckpt["models"][k]) if is_student(m) else m.load_state_dict(ckpt["models"][k])
     for k, e in spec.ema.items():
-        e.model.load_state_dict(ckpt["ema"][k])
+        e.load_state_dict(ckpt["ema"][k])
     for k, o in spec.opts.items():
         o.load_state_dict(ckpt["opts"][k])
     scaler.load_state_dict(ckpt["scaler"])
@@ -396,8 +289,9 @@ def restore(spec, scaler, ckpt):
 def train_stage(name, cfg, run, mode):
     """Train one stage (see `open_checkpoint` for mode)."""
     steps, B, lr = (getattr(cfg, f"{PREFIX[name]}_{k}") for k in ("steps", "batch_size", "lr"))
-    if B % run.world:
-        raise UserError(f"batch size {B} does not split over {run.world} processes")
+    if cfg.grad_accum < 1 or B % (run.world * cfg.grad_accum):
+        raise UserError(f"batch size {B} does not split over {run.world} process(es) x {cfg.grad_accum} "
+                        f"micro-batches (--grad-accum)")
     path = ckpt_path(run, name)
     ckpt = open_checkpoint(path, cfg, mode, steps)
     if ckpt == "kept":
@@ -424,25 +318,30 @@ def train_stage(name, cfg, run, mode):
             return warm
         return warm * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
 
+    params = {k: [p for g in o.param_groups for p in g["params"]] for k, o in spec.opts.items()}
+
     def update(loss, k):
-        """Zero, backward, unscale, clip, step: the same lines for every optimiser of every stage. Zeroing
-        first drops what another loss left in these parameters (the generator's loss in disc's)."""
-        opt = spec.opts[k]
-        opt.zero_grad(set_to_none=True)
+        """Backpropagate a micro-batch's `loss` into optimiser k's parameters alone (so the generator's
+        loss leaves disc's gradients alone), 1 / grad_accum of it: the gradients add up over the step."""
         with torch.autocast(run.device.type, enabled=False):
-            scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-        scaler.step(opt)
-        opt.zero_grad(set_to_none=True)
-        return gnorm
+            scaler.scale(loss / cfg.grad_accum).backward(inputs=params[k])
+
+    def step_optimisers():
+        """Unscale, clip, step, zero: the same lines for every optimiser of every stage, once per step.
+        Deferring the generator's step to here changes nothing: disc's loss sees only detached fakes."""
+        for k, opt in spec.opts.items():
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params[k], cfg.grad_clip)
+            scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
+        scaler.update()
 
     def save(step, done, results=None):
         if run.master:
             save_atomic({
                 "stage": name, "step": step, "done": done, "config": dataclasses.asdict(cfg),
-                "models": {k: m.state_dict() for k, m in spec.models.items()},
-                "ema": {k: e.model.state_dict() for k, e in spec.ema.items()},
+                "models": {k: lora.trained_state(m) if is_student(m) else m.state_dict() for k, m in spec.models.items()},
+                "ema": {k: e.state_dict() for k, e in spec.ema.items()},
                 "opts": {k: o.state_dict() for k, o in spec.opts.items()},
                 "scaler": scaler.state_dict(), **spec.extra, **(results or {}),
             }, path)
@@ -453,11 +352,13 @@ def train_stage(name, cfg, run, mode):
         print(f"stage {name}: steps {start}..{steps}, batch {B} over {run.world} process(es), "
               f"{run.device} {run.ptdtype}, params "
               + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for k, m in spec.models.items()))
-    workers = min(cfg.workers, os.cpu_count() or 1) if cfg.data else 0         # synthetic clips: main thread
-    loader = torch.utils.data.DataLoader(StepBatches(run.dataset, B, run.rank, run.world), batch_size=None,
-                                         sampler=range(start, steps), num_workers=workers,
-                                         pin_memory=run.device.type == "cuda" and bool(cfg.data))
-    sums, n, t0 = {}, 0, time.time()
+    data = run.dataset
+    if name != "ae":                                              # the latent cache, when it fits this run
+        data = latents.open_cache(os.path.join(run.out, "latents"), latents.cache_key(cfg, run.out, run.ptdtype)) or data
+        if data is not run.dataset and run.master:
+            print(f"stage {name}: reading the latent cache {data.folder} ({len(data)} clips)")
+    loader = step_loader(cfg, run, data, B, start, steps)
+    sums, counts, n, t0 = {}, {}, 0, time.time()
     with tqdm(total=steps, initial=start, desc=f"stage {name}", disable=not run.master, dynamic_ncols=True) as bar:
         for step, batch in enumerate(loader, start):
             torch.manual_seed(step_seed(cfg.seed, run.rank, step))
@@ -465,24 +366,29 @@ def train_stage(name, cfg, run, mode):
             for o in spec.opts.values():
                 for g in o.param_groups:
                     g["lr"] = g["initial_lr"] * lr_at(step)
+            micro = [dict(zip(batch, vs)) for vs in zip(*(v.chunk(cfg.grad_accum) for v in batch.values()))]
             with run.autocast:
-                stats = spec.step(nets, batch, update)
-            scaler.update()
-            for k, e in spec.ema.items():
-                e.update(spec.models[k], step)
+                stats = [spec.step(nets, mb, update) for mb in micro]
+            step_optimisers()
+            stats = {k: torch.stack([s[k].detach().float() for s in stats]).mean() for k in stats[0]}
+            for e in spec.ema.values():
+                e.update(step)
             vals = mean_over_ranks(stats, run)
-            bad = [k for k, v in vals.items() if not math.isfinite(v)]
+            bad = [k for k, v in vals.items() if not math.isfinite(v) and not k.startswith("acc_")]
             if bad:
                 raise NonFiniteLoss(f"stage {name}: non-finite {bad[0]} ({vals[bad[0]]}) at step {step + 1}; "
                                     f"stopped. Last good checkpoint: {last_good}")
-            sums, n = {k: sums.get(k, 0.0) + v for k, v in vals.items()}, n + 1
+            for k, v in vals.items():     # an accuracy is nan where nothing was judged: left out
+                if math.isfinite(v):
+                    sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
+            n += 1
             bar.update(1)
             done = step + 1
             if done % cfg.log_every == 0 or done == steps:
-                means = {k: v / n for k, v in sums.items()}
+                means = {k: v / counts[k] for k, v in sums.items()}
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 run.log({"stage": name, "step": done, **means, "lr": lr * lr_at(step), "it_s": n / (time.time() - t0)})
-                sums, n, t0 = {}, 0, time.time()
+                sums, counts, n, t0 = {}, {}, 0, time.time()
             if run.master and spec.sample and (done % cfg.sample_every == 0 or done == steps):
                 spec.sample(os.path.join(run.out, "samples", f"{name}_{done:06d}.mp4"))
             if done % cfg.ckpt_every == 0 and done < steps:
@@ -495,6 +401,33 @@ def train_stage(name, cfg, run, mode):
     run.log({"stage": name, "event": "done", "step": max(start, steps), **results})
     if run.master:
         print(f"stage {name}: done, {path}")
+
+
+def step_loader(cfg, run, data, B, first, last):
+    """Batches first .. last - 1 of `data` (batch s: clips s*B .. s*B+B-1, this rank's share), read in
+    worker processes (folder videos, the latent cache; pinned for CUDA) or, for the synthetic clips
+    that are made on the device, on the main thread."""
+    workers = min(cfg.workers, os.cpu_count() or 1) if cfg.data or isinstance(data, latents.LatentCache) else 0
+    return torch.utils.data.DataLoader(StepBatches(data, B, run.rank, run.world), batch_size=None,
+                                       sampler=range(first, last), num_workers=workers,
+                                       pin_memory=run.device.type == "cuda" and workers > 0)
+
+
+def encode_latents(cfg, run, fresh):
+    """`python train.py --stage latents`: the clips the stages will read, encoded once (latents.py); as
+    many as the longest of them reads (steps x batch) unless --cache-clips."""
+    ae = finished(run, "ae")[0]
+    stages = ["1", "2"] if cfg.svd else ["teacher", "1", "2"]
+    clips = cfg.cache_clips or max(getattr(cfg, f"{PREFIX[s]}_steps") * getattr(cfg, f"{PREFIX[s]}_batch_size")
+                                   for s in stages)
+    B = 4                                                                  # clips per encoder pass
+
+    def batches(first):
+        for s, batch in enumerate(step_loader(cfg, run, run.dataset, B, first // B, -(-clips // B)), first // B):
+            torch.manual_seed(step_seed(cfg.seed, s, 1))                  # the augmentation noise of batch s
+            with torch.no_grad(), run.autocast:
+                yield unet.latents_and_condition(ae, {k: v.to(run.device) for k, v in batch.items()})
+    latents.write_cache(os.path.join(run.out, "latents"), latents.cache_key(cfg, run.out, run.ptdtype), clips, batches, fresh)
 
 
 def mean_over_ranks(stats, run):
@@ -524,7 +457,10 @@ def check_replicas(models):
 
 def parse(argv):
     p = argparse.ArgumentParser(description="Train a stage of OSV (see README.md).")
-    p.add_argument("--stage", required=True, choices=STAGES + ["all"])
+    p.add_argument("--stage", choices=STAGES + ["all", "latents"])
+    p.add_argument("--bench", action="store_true", help="time Stage 1 and 2 on a random SVD (bench.py): "
+                   "--svd random:svd-xt --size 320x576 --frames 14")
+    p.add_argument("--frames", dest="num_frames", type=int, help="frames per clip (the same as --num-frames)")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--out", default="runs/default", help="run folder (default runs/default)")
     p.add_argument("--tag", default="", help="an ablation's name: stage 1/2 write stage1_TAG.pt, stage2_TAG.pt")
@@ -542,12 +478,16 @@ def parse(argv):
             p.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), metavar="A,B,C")
         else:
             p.add_argument(flag, type=f.type)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.stage and not args.bench:
+        p.error("--stage is required")
+    return args
 
 
 def make_config(args, stages):
     cfg = Config(**PRESETS[args.preset])
     if args.svd:            # SVD's schedule, the SVD-XT pipeline's guidance ramp, the paper's DINOv2; flags override
+        # (a folder; or random:NAME, SVD's architecture with random weights for --bench: SVD's schedule)
         cfg.sigma_min, cfg.sigma_max = svd.scheduler_levels(args.svd)
         cfg.cfg_min, cfg.cfg_max, cfg.disc_backbone = svd.CFG_MIN, svd.CFG_MAX, "dinov2"
     for f in dataclasses.fields(Config):
@@ -565,8 +505,10 @@ def main(argv=None):
     # user-facing warnings (a skipped video file) as one line each, without the source line
     warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
     args = parse(argv)
+    if args.bench:
+        return bench.main(make_config(args, []))
     stages = (["1", "2"] if args.svd else STAGES) if args.stage == "all" else [args.stage]
-    cfg = make_config(args, stages)
+    cfg = make_config(args, [s for s in stages if s in PREFIX])
     run = None
     try:
         if args.tag and not args.tag.replace("-", "").isalnum():
@@ -576,12 +518,12 @@ def main(argv=None):
         run = Run(cfg, args.out, args.tag)
         mode = "fresh" if args.fresh else "resume" if args.resume else "keep" if args.stage == "all" else "new"
         for s in stages:
-            train_stage(s, cfg, run, mode)
-        if args.stage == "all" and run.master and not cfg.data:
+            encode_latents(cfg, run, args.fresh) if s == "latents" else train_stage(s, cfg, run, mode)
+        if args.stage == "all" and run.master and not cfg.data and not cfg.size:
             write_report(args.out, cfg.report_clips, str(run.device), cfg.feature_steps)
         elif args.stage == "all" and run.master:
-            print("report: the replication report measures against the synthetic test split; for a folder of "
-                  "videos compare samples with `python evaluate.py --real FOLDER --fake SAMPLES`")
+            print("report: the replication report measures square synthetic runs; for a folder of videos "
+                  "or another --size compare samples with `python evaluate.py --real FOLDER --fake SAMPLES`")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

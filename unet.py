@@ -13,14 +13,14 @@ the two blended by a learned alpha), then `Denoiser` (c_skip, c_out, c_in, c_noi
 Shapes: videos are (B, T, C, H, W) outside; inside the UNet frames are folded, (B*T, C, H, W).
 
 Beside the network live what every training stage shares about it: the training batch's latents and
-conditioning (`latents_and_condition`), LoRA (how OSV adapts the teacher), the students'
-consistency parametrisation (`scalings(..., sigma_min)`, `make_student`) and the weight `EMA`. The
-published SVD's weights load into this network in svd.py.
+conditioning (`latents_and_condition`), the students' consistency parametrisation (`scalings(...,
+sigma_min)`; their LoRA on the shared base is lora.py) and the weight `EMA`. The published SVD's
+weights load into this network in svd.py.
 """
 import argparse
-import copy
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -108,14 +108,18 @@ class ResBlock(nn.Module):
 
 class AlphaBlender(nn.Module):
     """out = alpha * spatial + (1 - alpha) * temporal, alpha = sigmoid(mix_factor), learned, init 0.5
-    (sgm's "learned_with_images"). image_only forces alpha = 1: the video layers switch off."""
+    (sgm's "learned_with_images"). image_only forces alpha = 1: the video layers switch off. A student
+    trains a `delta` on the base's mix_factor (`to_student`), so the base's own value stays shared."""
 
     def __init__(self, merge_factor=0.5):
         super().__init__()
         self.mix_factor = nn.Parameter(torch.tensor(merge_factor))
+        self.register_parameter("delta", None)
+        self.off = False
 
     def forward(self, x_spatial, x_temporal, image_only=False):
-        alpha = torch.ones_like(self.mix_factor) if image_only else torch.sigmoid(self.mix_factor)
+        mix = self.mix_factor if self.delta is None or self.off else self.mix_factor + self.delta
+        alpha = torch.ones_like(mix) if image_only else torch.sigmoid(mix)
         return alpha * x_spatial + (1 - alpha) * x_temporal
 
 
@@ -325,7 +329,7 @@ class VideoUNet(nn.Module):
                 args = (x, context, T, image_only)
             else:
                 args = (x, size)                   # Downsample ignores the size, Upsample goes to it
-            if self.cfg.checkpoint and self.training:
+            if self.cfg.checkpoint and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, *args, use_reentrant=False)
             else:
                 x = layer(*args)
@@ -362,69 +366,6 @@ class ImageEmbedder(nn.Module):
 
     def forward(self, z):
         return self.proj(self.net(z).mean((2, 3)))[:, None]                            # (B, 1, context_dim)
-
-
-# ----------------------------------------------------------------------------------------------
-# LoRA: how OSV adapts the teacher (Stage 1 trains LoRA only; full fine-tuning collapsed to static
-# videos in the paper). Hu et al. 2021: W x + (alpha / r) B A x, with B zero-initialised.
-
-class LoRA(nn.Module):
-    """A frozen Linear or ConvNd plus a trainable low-rank update. For a conv, A is a conv with the base
-    kernel and r output channels and B a 1x1 conv, so B A is a rank-r change of the flattened kernel.
-    B starts at zero: the adapted network starts exactly equal to the base network."""
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base, self.scale, self.merged = base.requires_grad_(False), alpha / rank, False
-        if isinstance(base, nn.Linear):
-            self.A = nn.Linear(base.in_features, rank, bias=False)
-            self.B = nn.Linear(rank, base.out_features, bias=False)
-        else:
-            k = base.kernel_size
-            self.A = type(base)(base.in_channels, rank, k, base.stride, base.padding, bias=False)
-            self.B = type(base)(rank, base.out_channels, 1, bias=False)
-        nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.B.weight)
-        # initialised on the CPU (the same values on every device), then moved to where the base lives:
-        # a network already on the GPU or in bf16 gets adapters of the same device and dtype
-        self.A.to(base.weight.device, base.weight.dtype)
-        self.B.to(base.weight.device, base.weight.dtype)
-
-    def delta(self):
-        """(alpha / r) B A as a change of the base weight: (out, r) @ (r, in * kernel) -> base's shape."""
-        return (self.B.weight.flatten(1) @ self.A.weight.flatten(1)).view_as(self.base.weight) * self.scale
-
-    @torch.no_grad()
-    def merge(self, on=True):
-        """Fold B A into the base weight (on=True) or take it back out (on=False); the output is unchanged."""
-        if on != self.merged:
-            self.base.weight += self.delta() if on else -self.delta()
-            self.merged = on
-
-    def forward(self, x):
-        y = self.base(x)
-        return y if self.merged else y + self.B(self.A(x)) * self.scale
-
-
-def add_lora(model, rank, alpha=None, convs=False):
-    """Freeze `model` and wrap its attention projections (q, k, v, out) and, with convs=True, every
-    convolution in LoRA adapters of this rank (alpha defaults to the rank: scale 1). rank 0 means full
-    fine-tuning: nothing is wrapped and everything trains. Returns the trainable parameters."""
-    if rank == 0:
-        return [p for p in model.requires_grad_(True).parameters()]
-    model.requires_grad_(False)
-    targets = [(m, n) for m in model.modules() for n, c in m.named_children()
-               if (isinstance(m, Attention) and n in ("to_q", "to_k", "to_v", "to_out"))
-               or (convs and isinstance(c, (nn.Conv1d, nn.Conv2d, nn.Conv3d)))]
-    for m, n in targets:
-        setattr(m, n, LoRA(getattr(m, n), rank, alpha or rank))
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def merge_lora(model, on=True):
-    for m in model.modules():
-        if isinstance(m, LoRA):
-            m.merge(on)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,7 +440,10 @@ def edm_loss(D, x0, cond, P_mean, P_std, keep=None):
 def latents_and_condition(ae, batch):
     """A training batch -> its latents x0 (B, T, c, h, w) and the conditioning from its first frames
     (`ae.condition`: ours, or SVD's conventions), with SVD's noise augmentation of the conditioning
-    frame, cond_aug ~ LogNormal(-3, 0.5) (AnimateLCM). Every diffusion stage (teacher, 1, 2) trains on this."""
+    frame, cond_aug ~ LogNormal(-3, 0.5) (AnimateLCM). Every diffusion stage (teacher, 1, 2) trains on this.
+    A batch of the latent cache (latents.py) holds both already: x0 and the conditioning's parts."""
+    if "x0" in batch:
+        return batch["x0"].float(), {k: batch[k] for k in ("concat", "image", "micro")}
     video = batch["video"]                                                         # (B, T, 3, H, W)
     x0 = ae.encode_video(video).float()
     cond_aug = (torch.randn(len(video), device=video.device) * 0.5 - 3.0).exp()
@@ -507,31 +451,53 @@ def latents_and_condition(ae, batch):
 
 
 # ----------------------------------------------------------------------------------------------
-# The students and the weight average
-
-def make_student(teacher, sigma_min, rank, convs):
-    """OSV's student: a copy of the teacher in the consistency parametrisation (f(x, sigma_min) = x),
-    LoRA-adapted (rank 0: every weight trains). Returns it and its trainable parameters."""
-    f = copy.deepcopy(teacher)
-    f.sigma_min = sigma_min
-    return f, add_lora(f, rank, convs=convs)
-
+# The weight average
 
 class EMA:
-    """Exponential moving average of a network's weights; buffers are copied. With warmup the decay
-    ramps up as (1 + step) / (10 + step), so early averages are not dominated by the initialisation;
-    without it, it is fixed (Stage 2's target network theta-)."""
+    """Exponential moving average of a network's trainable parameters, kept beside it (`shadow`) and
+    swapped in for its forward passes (`swapped`); a LoRA student's average is its adapters' only, over
+    the one shared base. With warmup the decay ramps up as (1 + step) / (10 + step), so early averages
+    are not dominated by the initialisation; without it, it is fixed (Stage 2's target network theta-)."""
 
     def __init__(self, model, decay, warmup=True):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = decay, warmup
+        self.model, self.decay, self.warmup = model, decay, warmup
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self._live()]
+
+    def _live(self):
+        params = dict(self.model.named_parameters())
+        return [params[n] for n in self.names]
 
     @torch.no_grad()
-    def update(self, model, step):
+    def update(self, step):
         d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+        torch._foreach_lerp_(self.shadow, self._live(), 1 - d)
+
+    @contextmanager
+    def swapped(self):
+        """The model with the averaged weights in place of its own, in eval mode, for forward passes
+        without gradient; its own weights and mode come back after. Copies, not pointer swaps: a pending
+        backward through these weights fails loudly instead of computing a wrong gradient."""
+        live, mode = self._live(), self.model.training
+        own = [p.detach().clone() for p in live]
+        with torch.no_grad():
+            torch._foreach_copy_(live, self.shadow)
+        self.model.eval()
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(live, own)
+            self.model.train(mode)
+
+    def state_dict(self):
+        """The averaged parameters and the model's buffers: for a network trained whole, its full state."""
+        return {**dict(zip(self.names, self.shadow)), **dict(self.model.named_buffers())}
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        for n, s in zip(self.names, self.shadow):
+            s.copy_(state[n])
 
 
 def setup_teacher(cfg, latent_channels, ae, device):

@@ -1,5 +1,4 @@
 """data.py: the synthetic dataset (determinism, physics, ground truth), the folder loader, images, writing."""
-import math
 import os
 import subprocess
 import sys

@@ -91,6 +91,24 @@ def test_dinov2_adapter_with_a_stand_in(monkeypatch):
     assert z.grad.abs().sum() > 0                                      # and the generator's latents
 
 
+def test_dinov2_keeps_a_non_square_videos_aspect(monkeypatch):
+    fake = FakeDINO()
+    monkeypatch.setattr(dm, "load_dinov2", lambda path="": fake)
+    disc = dm.Discriminator(tiny_ae(), "dinov2")
+    logits = disc(torch.randn(1, 3, 4, 5, 9))                          # SVD's 320x576 has latents 40x72
+    assert fake.calls[0][0] == (3, 3, 224, 406)                       # short side 224, long 224 * 9 / 5 -> 29 patches
+    assert logits[0].shape == (3, 1, 16, 29) and logits[1].shape == (1, 3, 16, 29)
+
+
+@pytest.mark.parametrize("backbone", ["ae", "vit"])
+def test_heads_accept_non_square_latents(backbone):
+    disc = dm.Discriminator(tiny_ae(), backbone)
+    logits = disc(torch.randn(2, 3, 4, 6, 10))
+    assert all(x.shape[0] in (2, 2 * 3) for x in logits)               # batch (and frames) outermost
+    real, fake = split_logits(logits)
+    assert torch.isfinite(hinge_d(real, fake)) and torch.isfinite(hinge_g(fake))
+
+
 def test_dinov2_unavailable_is_a_one_line_error(monkeypatch):
     def offline(*a, **k):
         raise OSError("no network")
@@ -111,6 +129,9 @@ def test_hinge_losses_on_hand_computed_values():
     assert torch.isclose(hinge_g([torch.tensor([5.0])]), torch.tensor(0.0))   # clipped: no push past 1
     assert torch.isclose(accuracy(real, True), torch.tensor(2 / 3))
     assert torch.isclose(accuracy(fake, False), torch.tensor(2 / 3))
+    # no fake judged (Stage 1 at batch 1, a level below adv_min_sigma): the real term alone, accuracy nan
+    none = [torch.zeros(0), torch.zeros(0)]
+    assert torch.isclose(hinge_d(real, none), torch.tensor((0.5 + 0.5) / 2)) and torch.isnan(accuracy(none, False))
 
 
 def test_split_logits_equal_and_unequal_parts_of_every_head():

@@ -7,7 +7,7 @@ import torch
 
 import evaluate
 from data import SyntheticVideos, UserError, write_video
-from evaluate import (I3D, FeatureNet, blurred, diagnostics, extract, fd_interval, frechet_distance,
+from evaluate import (I3D, blurred, diagnostics, extract, fd_interval, frechet_distance,
                       gaussian_stats, shuffled, static)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import lora
 import sample
 import unet
 from sample import (cfg_scale, consistency_sigmas, generate, guided, karras_sigmas, sample_euler, sample_heun,
@@ -128,7 +129,8 @@ def micro_student():
     torch.manual_seed(0)
     cfg = unet.UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                           head_channels=8, context_dim=16, micro_dim=8)
-    f, _ = unet.make_student(unet.Denoiser.new(cfg, 4).eval(), 0.002, 4, True)
+    f = unet.Denoiser.new(cfg, 4).eval()
+    lora.to_student(f, 0.002, {"rank": 4, "convs": True})
     return f
 
 

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import av
 import pytest
 import torch
 
@@ -183,3 +184,44 @@ def test_folder_videos_decode_in_worker_processes_with_the_same_batches(tmp_path
         assert train.main([*args, *fast_args]) == 0
         runs[workers] = {s: r["loss"] for s, r in losses(out).items()}
     assert sorted(runs["0"]) == [1, 2, 3] and runs["0"] == runs["2"]
+
+
+def test_grad_accum_takes_the_same_step(tmp_path, monkeypatch, fast_args):
+    """--grad-accum N: the batch in N passes, the gradients summed, one optimiser step: the same weights
+    as one pass (a loss that is a mean over the clips, so N equal micro-batch means average to it)."""
+    def setup(cfg, run):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(3, 2)
+
+        def step(nets, batch, update):
+            pred = nets["ae"](batch["video"].mean((1, 3, 4)))                         # (B, 3) -> (B, 2)
+            loss = ((pred - batch["fps"][:, None]) ** 2).mean()
+            update(loss, "ae")
+            return {"loss": loss}
+        return train.Stage({"ae": m}, {"ae": torch.optim.Adam(m.parameters(), lr=1e-2)}, step)
+    monkeypatch.setitem(train.SETUP, "ae", setup)
+    weights = []
+    for n in (1, 2, 4):
+        out = str(tmp_path / f"n{n}")
+        assert train.main(["--stage", "ae", "--steps", "3", "--out", out, "--batch-size", "8",
+                           "--grad-accum", str(n), *fast_args]) == 0
+        weights.append(torch.load(os.path.join(out, "ae.pt"), weights_only=False)["models"]["ae"])
+    assert not torch.equal(weights[0]["weight"], setup(None, None).models["ae"].weight)       # it did train
+    for w in weights[1:]:
+        assert all(torch.allclose(w[k], weights[0][k], atol=1e-6) for k in w)
+    assert train.main(["--stage", "ae", "--steps", "1", "--out", str(tmp_path / "bad"), "--batch-size", "8",
+                       "--grad-accum", "3", *fast_args]) == 2                          # 8 clips do not split in 3
+
+
+def test_non_square_frames_train_and_sample(tmp_path, capsys, fast_args, micro_args):
+    """--size HxW: every network (autoencoder, UNet, discriminator) on non-square frames, end to end."""
+    out = str(tmp_path / "r")
+    assert train.main(["--stage", "all", "--size", "16x32", "--steps", "2", "--out", out, *micro_args,
+                       *fast_args]) == 0
+    assert "measures square synthetic runs" in capsys.readouterr().out    # the report's ruler is square
+    assert sample.main(["--ckpt", os.path.join(out, "stage2.pt"), "--out", str(tmp_path / "v.mp4")]) == 0
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        frame = next(c.decode(video=0))
+    assert frame.width == 2 * frame.height                              # 16x32, scaled up for viewing
+    assert train.main(["--stage", "ae", "--size", "16by32", "--out", str(tmp_path / "bad")]) == 2
+    assert "--size" in capsys.readouterr().err

@@ -1,12 +1,11 @@
 """unet.py: SVD's architecture (parameter count, shapes), the temporal path, preconditioning, EDM loss,
-LoRA, the students' boundary condition, the EMA."""
-import copy
+gradient checkpointing, the EMA."""
 import dataclasses
 
 import pytest
 import torch
-import torch.nn as nn
 
+import lora
 import unet
 from unet import Denoiser, UNetConfig, edm_loss, scalings
 
@@ -127,7 +126,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_gradient_checkpointing_gives_the_same_gradients_in_a_student():
     torch.manual_seed(0)
-    f, params = unet.make_student(randomise(Denoiser.new(MICRO)), 0.002, rank=4, convs=True)
+    f = randomise(Denoiser.new(MICRO))
+    params = lora.to_student(f, 0.002, {"rank": 4, "convs": True, "blends": True})
     for p in params:                                        # B starts at zero: move it so A gets gradients
         p.data.add_(torch.randn_like(p) * 0.05)
     x0, cond = torch.randn(2, 3, 4, 8, 8), cond_for(2)
@@ -141,72 +141,29 @@ def test_gradient_checkpointing_gives_the_same_gradients_in_a_student():
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------- LoRA, students, EMA
+# ---------------------------------------------------------------------------------------- EMA
 
-@pytest.mark.parametrize("convs", [False, True])
-def test_lora_starts_equal_and_merges_exactly(convs):
+def test_ema_averages_the_trainable_weights_and_swaps_them_in():
     torch.manual_seed(0)
-    base = randomise(Denoiser.new(MICRO)).eval()   # no zero-initialised layers: every adapted weight reaches the output
-    f = copy.deepcopy(base)
-    params = unet.add_lora(f, rank=4, convs=convs)
-    loras = [m for m in f.modules() if isinstance(m, unet.LoRA)]
-    assert loras and all(any(p is q for q in params) for m in loras for p in (m.A.weight, m.B.weight))
-    assert len(params) == 2 * len(loras)                           # only the adapters train
-    assert any(isinstance(m.base, nn.Conv3d) for m in loras) == convs
-    x, sigma, c = torch.randn(2, 8, 4, 8, 8), torch.tensor([0.5, 3.0]), cond_for(2)
-    with torch.no_grad():
-        assert torch.allclose(f(x, sigma, c), base(x, sigma, c), atol=1e-6)   # B = 0 at init
-        for m in loras:
-            m.B.weight.normal_(0, 0.05)
-        w0 = loras[0].base.weight.clone()
-        unmerged = f(x, sigma, c)
-        assert not torch.allclose(unmerged, base(x, sigma, c), atol=1e-3)
-        unet.merge_lora(f)
-        assert torch.allclose(f(x, sigma, c), unmerged, atol=1e-4)
-        unet.merge_lora(f, False)
-        assert torch.allclose(loras[0].base.weight, w0, atol=1e-6)
-
-
-def test_lora_adapters_follow_the_base_device_and_dtype():
-    # a network already moved (to the GPU, to bf16) gets adapters of the same device and dtype; "meta"
-    # stands in for the GPU here (the bug this catches: adapters left on the CPU broke every CUDA run)
-    for base in (nn.Linear(6, 5, device="meta"), nn.Conv2d(3, 4, 3, device="meta", dtype=torch.bfloat16)):
-        m = unet.LoRA(base, rank=2, alpha=2)
-        assert {p.device.type for p in m.parameters()} == {"meta"}
-        assert {p.dtype for p in m.parameters()} == {base.weight.dtype}
-
-
-def test_lora_rank_zero_is_full_fine_tuning():
-    f = Denoiser.new(MICRO)
-    params = unet.add_lora(f, rank=0)
-    assert len(params) == len(list(f.parameters())) and not any(isinstance(m, unet.LoRA) for m in f.modules())
-
-
-def test_boundary_condition_is_exact_and_the_student_starts_as_the_teacher():
-    torch.manual_seed(0)
-    teacher = randomise(Denoiser.new(MICRO)).eval()   # a non-zero output layer: the network's term is visible
-    f, _ = unet.make_student(teacher, 0.002, 4, True)
-    x, c = torch.randn(3, 8, 4, 8, 8), cond_for(3)
-    with torch.no_grad():
-        assert torch.equal(f(x, torch.full((3,), 0.002), c), x)            # f(x, sigma_min) = x
-        c_skip, c_out, _, _ = scalings(torch.tensor(0.002), 1.0, 0.002)
-        assert c_skip == 1 and c_out == 0
-        # above sigma_min the student starts as the teacher, up to O(sigma_min) in its scalings
-        sigma = torch.tensor([1.0, 10.0, 80.0])
-        out, ref = f(x, sigma, c), teacher(x, sigma, c)
-        network_term = ref - scalings(sigma, 1.0)[0].view(3, 1, 1, 1, 1) * x
-        assert network_term.abs().max() > 0.1                              # the comparison covers F, not only c_skip
-        assert (out - ref).abs().max() < 1e-2 * network_term.abs().max()
-
-
-def test_ema_update_math():
-    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    a = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    a[0].requires_grad_(False)                       # a frozen base layer: not averaged, not stored
     ema = unet.EMA(a, 0.95, warmup=False)
-    before = [p.clone() for p in ema.model.parameters()]
-    ema.update(b, step=0)
-    for p0, p, q in zip(before, ema.model.parameters(), b.parameters()):
-        assert torch.allclose(p, 0.95 * p0 + 0.05 * q)
+    before = [s.clone() for s in ema.shadow]
+    with torch.no_grad():
+        for p in a[1].parameters():
+            p.add_(1.0)
+    ema.update(step=0)
+    for s0, s, p in zip(before, ema.shadow, a[1].parameters()):
+        assert torch.allclose(s, 0.95 * s0 + 0.05 * p)
+    assert set(ema.state_dict()) == {"1.weight", "1.bias"}
+    own = [p.clone() for p in a.parameters()]
+    with ema.swapped() as m:
+        assert m is a and not m.training
+        assert torch.equal(a[1].weight, ema.shadow[0]) and torch.equal(a[0].weight, own[0])
+    assert a.training and all(torch.equal(p, q) for p, q in zip(a.parameters(), own))
     warm = unet.EMA(a, 0.999)                      # the evaluation EMA ramps: step 0 uses (1 + 0) / (10 + 0)
-    warm.update(b, step=0)
-    w = next(warm.model.parameters())
-    assert torch.allclose(w, 0.1 * next(a.parameters()) + 0.9 * next(b.parameters()))
+    start = warm.shadow[0].clone()
+    with torch.no_grad():
+        a[1].weight.add_(1.0)
+    warm.update(step=0)
+    assert torch.allclose(warm.shadow[0], 0.1 * start + 0.9 * a[1].weight)

@@ -1,0 +1,162 @@
+"""The cost of OSV's two stages at the published SVD's size: peak memory and seconds per training step.
+
+    python train.py --bench --svd random:svd-xt --size 320x576 --frames 14 --grad-checkpoint
+
+builds SVD-XT's UNet with random weights (nothing to download: the cost does not depend on the values),
+makes it a LoRA student exactly as `--stage 1` and `--stage 2` do (lora.to_student: the frozen base in
+the training precision, adapters in fp32), and times a few steps of each stage at batch 1 (the paper's
+per-GPU batch): Stage 1's generator and discriminator updates (gan.LGP.step), and Stage 2's, which
+include the teacher's m-step Euler solve with classifier-free guidance (2 network passes per step) and
+the EMA target's prediction, both on the student's own base (distill.ACD.step). The discriminator is
+OSV's: the latent upsampler (r = 4) and a ViT-S/14 DINOv2 with random weights (transformers).
+The latents are random too: with the latent cache (latents.py) the stages never run the VAE or CLIP.
+
+Read first: `bench`. `random:tiny` is the offline tiny UNet with SVD's conditioning, for the CPU tests.
+"""
+import dataclasses
+import gc
+import resource
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+from data import UserError, frame_size, optional
+from discriminator import Discriminator, DINOv2Backbone, TransformersDINOv2
+from distill import ACD, teacher_scale
+from gan import LGP, make_disc_optimizer
+from sample import sigma_grid
+from lora import teacher_of, to_student
+from unet import EMA, PRESETS, Denoiser, VideoUNet, count_parameters
+
+MODELS = {"svd": "svd", "svd-xt": "svd", "tiny": "tiny"}     # SVD and SVD-XT share the UNet architecture
+DINO_SIZE = 224                                              # DINOv2's input: the short side, in pixels
+
+
+def random_denoiser(name, device, grad_checkpoint):
+    """SVD's denoiser with random weights: our VideoUNet of the preset, no learned embedder (the context
+    is SVD's CLIP image embedding, (B, 1, context_dim))."""
+    cfg = dataclasses.replace(PRESETS[MODELS[name]], checkpoint=grad_checkpoint)
+    with torch.device(device):                            # initialised where it runs: seconds, not minutes
+        return Denoiser(VideoUNet(cfg)), cfg
+
+
+def random_disc(device, latent_channels=4, downsample=8, dinov2_layers=12):
+    """OSV's discriminator on SVD's latents: upsampler r = 4, DINOv2 ViT-S/14 (random), the heads."""
+    transformers = optional("transformers")
+    dino = transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=384, num_hidden_layers=dinov2_layers,
+                                                              num_attention_heads=6, patch_size=14, image_size=518))
+    vae = SimpleNamespace(downsample=downsample, cfg=SimpleNamespace(latent_channels=latent_channels))
+    return Discriminator(vae, DINOv2Backbone(TransformersDINOv2(dino), DINO_SIZE)).to(device)
+
+
+def gib(n):
+    return n / 2 ** 30
+
+
+def held_bytes(f):
+    """Bytes of the student's weights: the frozen base and the trainable parameters."""
+    base = sum(p.numel() * p.element_size() for p in f.parameters() if not p.requires_grad)
+    train = sum(p.numel() * p.element_size() for p in f.parameters() if p.requires_grad)
+    return base, train
+
+
+def bench(cfg, name, size, steps=3, device="cuda", dtype=torch.bfloat16, log=print):
+    """Time `steps` steps (after one warm-up) of Stage 1 and of Stage 2 at cfg.num_frames frames of
+    size (H, W), batch 1; returns {stage: (peak bytes or None, seconds per step)}. The peak is CUDA's
+    max_memory_allocated over the steps (weights included); on the CPU the process's peak RSS is logged."""
+    H, W = size
+    if name not in MODELS:
+        raise UserError(f"--svd random:{name}: use one of {', '.join('random:' + m for m in MODELS)}")
+    if H % 8 or W % 8:
+        raise UserError(f"--size {H}x{W}: SVD's latents are 1/8 of the frame; use multiples of 8")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    B, T, h, w = 1, cfg.num_frames, H // 8, W // 8
+    log(f"bench: random {name} UNet ({count_parameters(MODELS[name]):,} parameters), {H}x{W}, {T} frames, "
+        f"batch {B}, {device} {str(dtype).split('.')[-1]}, gradient checkpointing "
+        f"{'on' if cfg.grad_checkpoint else 'off'}")
+    grid = sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(device)
+    results = {}
+    for stage in ("1", "2"):                   # each built afresh; the previous stage's memory is freed
+        peak, sec = time_stage(stage, cfg, name, grid, (B, T, h, w), steps, device, dtype, log)
+        what = (f"peak {gib(peak):.2f} GiB" if cuda else
+                f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
+        extra = "" if stage == "1" else f" (the teacher's {cfg.m} Euler steps with CFG: {2 * cfg.m} NFE)"
+        log(f"stage {stage}: {what}, {sec:.3f} s per step (median of {steps} after 1 warm-up){extra}")
+        results[stage] = (peak, sec)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return results
+
+
+def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, log):
+    """Build stage `stage`'s student, discriminator, optimisers and EMA on a random SVD and time its
+    steps on random latents of `shape` (B, T, h, w). Returns (CUDA peak bytes or None, seconds per step)."""
+    cuda, (B, T, h, w) = device.type == "cuda", shape
+    torch.manual_seed(cfg.seed)
+    D, ucfg = random_denoiser(name, device, cfg.grad_checkpoint)
+    lora = {"rank": cfg.lora_rank, "convs": cfg.lora_convs, "blends": stage == "2"}
+    params = to_student(D, cfg.sigma_min, lora, dtype)
+    disc = random_disc(device)
+    opts = {"student": torch.optim.Adam(params, lr=1e-6), "disc": make_disc_optimizer(disc, 1e-6)}
+    groups = {k: [p for g in o.param_groups for p in g["params"]] for k, o in opts.items()}
+    ema = EMA(D, cfg.ema_decay if stage == "1" else cfg.target_decay, warmup=stage == "1")
+    x0 = torch.randn(B, T, 4, h, w, device=device)
+    cond = {"concat": torch.randn(B, 4, h, w, device=device), "image": torch.randn(B, 1, ucfg.context_dim, device=device),
+            "micro": torch.tensor([[7.0, 127.0, 0.02]], device=device)}
+    if stage == "1":
+        base, train = held_bytes(D)
+        log(f"weights held: base {gib(base):.2f} GiB ({str(dtype).split('.')[-1]}), trainable "
+            f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters {gib(train) * 1024:.0f} MiB, their "
+            f"EMA {gib(train) * 1024:.0f} MiB, Adam's moments {2 * gib(train) * 1024:.0f} MiB")
+        lgp = LGP(grid, cfg.lambda_adv, cfg.huber_c, cfg.stage1_top, cfg.adv_min_sigma)
+
+        def step(update):
+            return lgp.step(D, disc, x0, cond, update)
+    else:
+        acd = ACD(grid, cfg.m, teacher_scale(cfg), cfg.lambda_adv, cfg.huber_c, cfg.stage2_top,
+                  cfg.stage2_direct, cfg.direct_sigma)
+
+        def f_target(*args):
+            with ema.swapped():
+                return D(*args)
+
+        def step(update):
+            return acd.step(D, f_target, teacher_of(D), disc, x0, cond, update)
+    D.train()
+    disc.train()
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    times = []
+    for i in range(steps + 1):                                    # the first is warm-up
+        if cuda:
+            torch.cuda.synchronize()
+            if i == 1:
+                torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with autocast:
+            step(lambda loss, k: loss.backward(inputs=groups[k]))
+        for o in opts.values():
+            o.step()
+            o.zero_grad(set_to_none=True)
+        ema.update(i)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return (torch.cuda.max_memory_allocated() if cuda else None), sorted(times[1:])[len(times[1:]) // 2]
+
+
+def main(cfg):
+    """`python train.py --bench --svd random:svd-xt --size 320x576 --frames 14` (train.py's Config)."""
+    try:
+        if not cfg.svd.startswith("random:"):
+            raise UserError("--bench builds SVD's architecture with random weights: give --svd random:svd-xt")
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+        bench(cfg, cfg.svd.split(":", 1)[1], frame_size(cfg.size, cfg.image_size), device=device, dtype=dtype)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

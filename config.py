@@ -1,0 +1,108 @@
+"""Every hyperparameter of the pipeline in one place, with where its value comes from.
+
+Each field is a command-line flag of train.py (`--stage1-steps 400`); a comment names the source of
+its value: the paper (OSV), SVD, EDM, another cited work, or "ours" where the paper is silent and the
+value was chosen here (docs/experiments.md measures the choices that matter). A checkpoint keeps the
+config it was trained with; resuming with other values is refused, except for RUN_FIELDS.
+"""
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    # data
+    image_size: int = 32            # square frames of this side, unless --size
+    size: str = ""                  # HxW frames (SVD: 576x1024; short side resized, centre-cropped)
+    num_frames: int = 8
+    data: str = ""                  # a folder of videos; empty: the synthetic bouncing shapes
+    frame_stride: int = 1           # folder videos: keep every n-th frame
+    workers: int = 4                # folder videos: decoding processes (at most the CPU count; 0: main thread)
+    svd: str = ""                   # the published SVD's pipeline folder (svd.py): teacher, VAE, CLIP; no ae, teacher
+    motion_bucket: int = 127        # SVD's motion micro-condition for every training clip (AnimateLCM's)
+    dinov2: str = ""                # a transformers Dinov2Model folder for the discriminator (else torch.hub)
+    # autoencoder (autoencoder.py); ours: small enough to train in minutes on a CPU
+    ae_channels: tuple = (16, 32, 64)
+    ae_latent_channels: int = 4
+    ae_kl_weight: float = 1e-6      # SD's first-stage kl_weight
+    ae_steps: int = 2000
+    ae_batch_size: int = 32         # clips; the autoencoder sees one random frame of each
+    ae_lr: float = 2e-3
+    # teacher (unet.py): SVD's video UNet trained with EDM's denoising loss
+    unet: str = "tiny"              # VideoUNet preset in unet.py: tiny, small, svd
+    unet_channels: int = 0          # overrides the preset's model_channels when > 0
+    grad_checkpoint: bool = False   # gradient checkpointing per UNet block
+    grad_accum: int = 1             # each step's batch in this many passes (less memory, the same step)
+    cache_clips: int = 0            # --stage latents: clips to encode; 0: as many as the longest stage reads
+    teacher_steps: int = 1200
+    teacher_batch_size: int = 8
+    teacher_lr: float = 5e-4
+    # ln sigma ~ N(p_mean, p_std). Ours: between EDM's image default (-1.2, 1.2) and SVD fine-tuners' (0.7, 1.6)
+    p_mean: float = 0.0
+    p_std: float = 1.2
+    cond_drop: float = 0.1          # conditioning dropout so that CFG works (ours, as SD's 0.1)
+    sigma_min: float = 0.002        # EDM and SVD
+    # the top noise level of every sampler and of the students' grid. Ours: EDM's 80 (SVD: 700) lies far
+    # outside what our teacher trains on (docs/experiments.md, "The top noise level")
+    sigma_max: float = 8.0
+    cfg_min: float = 1.0            # SVD's per-frame guidance ramp, first to last frame (svd.yaml: 1.0 -> 2.5)
+    cfg_max: float = 2.5
+    sample_steps: int = 25          # SVD: 25 steps
+    # Stage 1, latent GAN pretraining (gan.py, discriminator.py); "ours" = not given by the paper
+    stage1_steps: int = 400         # the paper: 2K iterations
+    stage1_batch_size: int = 8      # the paper: 1 per GPU x 8 GPUs
+    stage1_lr: float = 2e-4         # LoRA's Adam; the paper's 5e-6 is for SVD at 2K steps, far too slow here
+    disc_lr: float = 2e-4           # ours
+    lora_rank: int = 8              # ours; 0 = full fine-tuning (the paper's negative result)
+    lora_convs: bool = True         # LoRA on the convolutions too, not only attention (ours)
+    grid_size: int = 100            # OSV: 100 timesteps
+    # Stage 1's levels (gan.LGP.draw_levels; the paper: "from the grid"). Ours: half at the top level,
+    # where one-step sampling starts, half uniform (docs/experiments.md)
+    stage1_top: float = 0.5
+    # ours: only fakes from levels >= this meet the discriminator (gan.LGP.meets_disc); 0 is the paper's
+    # form, every fake (docs/experiments.md)
+    adv_min_sigma: float = 1.0
+    lambda_adv: float = 0.1         # OSV: the adversarial weight in both stages
+    huber_c: float = 0.001          # OSV (from LCM): pseudo-Huber c
+    disc_backbone: str = "ae"       # ae | vit | dinov2 (discriminator.py; the offline default is measured)
+    disc_input: str = "latent"      # latent (OSV) | decoded (the paper's Table 2e ablation)
+    disc_r: int = 0                 # PixelShuffle factor; 0 = autoencoder downsampling / 2 (OSV: 4 on 1/8)
+    # Stage 2, adversarial consistency distillation (distill.py)
+    stage2_steps: int = 200         # the paper: 20K iterations
+    stage2_batch_size: int = 8      # the paper: 1 per GPU x 2 GPUs
+    stage2_lr: float = 1e-4         # ours (the paper: 5e-6 at SVD scale)
+    m: int = 5                      # OSV: the teacher walks 5 grid steps per target
+    # Stage 2's jumps (distill.jump_levels; the paper: n "from the grid"). Ours: half from the top level, a
+    # quarter from direct_sigma straight to the teacher's solution, the rest uniform (docs/experiments.md)
+    stage2_top: float = 0.5
+    stage2_direct: float = 0.25
+    direct_sigma: float = 1.0
+    teacher_cfg: str = "ramp"       # CFG in the teacher's steps: SVD's ramp cfg_min -> cfg_max, or a number
+    target_decay: float = 0.95      # EMA of the target network (Song et al. 2023's fixed mu)
+    from_teacher: bool = False      # the ablation "no Stage 1": ACD from the teacher, LoRA and disc from scratch
+    # the loop
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    warmup: int = 100               # steps of linear learning-rate warm-up
+    log_every: int = 50
+    sample_every: int = 500
+    ckpt_every: int = 500
+    eval_clips: int = 256           # held-out clips for the end-of-stage measurement
+    report_clips: int = 200         # held-out clips per row of the report that ends --stage all
+    feature_steps: int = 1500       # training steps of the FVD-syn feature network (evaluate.py)
+    seed: int = 0
+    device: str = ""                # empty: cuda if available, else cpu
+    dtype: str = ""                 # empty: bfloat16 on CUDA, float32 on CPU
+    compile: bool = False
+
+
+PRESETS = {
+    "tiny": {},                     # CPU, minutes: the defaults above
+    "small": dict(image_size=64, num_frames=16, ae_channels=(32, 64, 128), ae_steps=20000,
+                  ae_batch_size=64, ae_lr=1e-3, unet="small", teacher_steps=50000, teacher_batch_size=32,
+                  teacher_lr=2e-4, sample_every=2000, ckpt_every=2000),
+}
+STAGES = ["ae", "teacher", "1", "2"]                    # the pipeline, in order
+PREFIX = {"ae": "ae", "teacher": "teacher", "1": "stage1", "2": "stage2"}   # config-field prefixes
+# fields that may change when a run is resumed; anything else must match the checkpoint
+RUN_FIELDS = {"device", "dtype", "compile", "grad_checkpoint", "grad_accum", "cache_clips", "workers", "log_every", "sample_every", "ckpt_every",
+              "eval_clips", "report_clips", "feature_steps"} | {f"{p}_steps" for p in PREFIX.values()}
