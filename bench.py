@@ -62,6 +62,26 @@ def held_bytes(f):
     return base, train
 
 
+def weights_held(cfg, name, dtype):
+    """What Stage 2 holds before any activation, counted on the meta device (no memory, instant): the
+    base once in `dtype`, the trainable parameters with their EMA and Adam's two moments in fp32, the
+    discriminator and Adam on its trainable part. Returns a line, with the three fp32 copies of the
+    base a naive Stage 2 would hold (teacher, student, target) for comparison."""
+    with torch.device("meta"):
+        D = Denoiser(VideoUNet(PRESETS[MODELS[name]]))
+        disc = random_disc("meta")
+    n_base = sum(p.numel() for p in D.parameters())
+    to_student(D, cfg.sigma_min, {"rank": cfg.lora_rank, "convs": cfg.lora_convs, "blends": True}, dtype)
+    base, train = held_bytes(D)
+    d_all = sum(p.numel() * p.element_size() for p in disc.parameters())
+    d_train = sum(p.numel() * p.element_size() for p in disc.parameters() if p.requires_grad)
+    total = base + 4 * train + d_all + 2 * d_train
+    return (f"weights held in Stage 2: {gib(total):.2f} GiB = the base once {gib(base):.2f} GiB "
+            f"({str(dtype).split('.')[-1]}) + trainable {train / 4e6:.1f}M parameters x 4 (weights, EMA, Adam's "
+            f"two moments; fp32) {gib(4 * train):.2f} GiB + the discriminator with Adam {gib(d_all + 2 * d_train):.2f} "
+            f"GiB; three fp32 copies of the base would be {gib(3 * 4 * n_base):.2f} GiB")
+
+
 def bench(cfg, name, size, steps=3, device="cuda", dtype=torch.bfloat16, log=print):
     """Time `steps` steps (after one warm-up) of Stage 1 and of Stage 2 at cfg.num_frames frames of
     size (H, W), batch 1; returns {stage: (peak bytes or None, seconds per step)}. The peak is CUDA's
@@ -77,9 +97,10 @@ def bench(cfg, name, size, steps=3, device="cuda", dtype=torch.bfloat16, log=pri
     log(f"bench: random {name} UNet ({count_parameters(MODELS[name]):,} parameters), {H}x{W}, {T} frames, "
         f"batch {B}, {device} {str(dtype).split('.')[-1]}, gradient checkpointing "
         f"{'on' if cfg.grad_checkpoint else 'off'}")
+    log(weights_held(cfg, name, dtype))
     grid = sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(device)
     results = {}
-    for stage in ("1", "2"):                   # each built afresh; the previous stage's memory is freed
+    for stage in ("1", "2") if steps else ():  # each built afresh; the previous stage's memory is freed
         peak, sec = time_stage(stage, cfg, name, grid, (B, T, h, w), steps, device, dtype, log)
         what = (f"peak {gib(peak):.2f} GiB" if cuda else
                 f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
@@ -105,13 +126,10 @@ def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, log):
     groups = {k: [p for g in o.param_groups for p in g["params"]] for k, o in opts.items()}
     ema = EMA(D, cfg.ema_decay if stage == "1" else cfg.target_decay, warmup=stage == "1")
     x0 = torch.randn(B, T, 4, h, w, device=device)
-    cond = {"concat": torch.randn(B, 4, h, w, device=device), "image": torch.randn(B, 1, ucfg.context_dim, device=device),
-            "micro": torch.tensor([[7.0, 127.0, 0.02]], device=device)}
+    cond = {"concat": torch.randn(B, 4, h, w, device=device),
+            "image": torch.randn(B, 1, ucfg.context_dim, device=device),                 # CLIP's embedding
+            "micro": torch.tensor([[7.0, 127.0, 0.02]], device=device)}                  # fps - 1, motion, aug
     if stage == "1":
-        base, train = held_bytes(D)
-        log(f"weights held: base {gib(base):.2f} GiB ({str(dtype).split('.')[-1]}), trainable "
-            f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters {gib(train) * 1024:.0f} MiB, their "
-            f"EMA {gib(train) * 1024:.0f} MiB, Adam's moments {2 * gib(train) * 1024:.0f} MiB")
         lgp = LGP(grid, cfg.lambda_adv, cfg.huber_c, cfg.stage1_top, cfg.adv_min_sigma)
 
         def step(update):
@@ -148,14 +166,15 @@ def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, log):
     return (torch.cuda.max_memory_allocated() if cuda else None), sorted(times[1:])[len(times[1:]) // 2]
 
 
-def main(cfg):
-    """`python train.py --bench --svd random:svd-xt --size 320x576 --frames 14` (train.py's Config)."""
+def main(cfg, steps=3):
+    """`python train.py --bench --svd random:svd-xt --size 320x576 --frames 14` (train.py's Config);
+    --bench-steps 0 prints the weights held alone (instant, on any machine)."""
     try:
         if not cfg.svd.startswith("random:"):
             raise UserError("--bench builds SVD's architecture with random weights: give --svd random:svd-xt")
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-        bench(cfg, cfg.svd.split(":", 1)[1], frame_size(cfg.size, cfg.image_size), device=device, dtype=dtype)
+        bench(cfg, cfg.svd.split(":", 1)[1], frame_size(cfg.size, cfg.image_size), steps, device, dtype)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

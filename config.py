@@ -104,5 +104,6 @@ PRESETS = {
 STAGES = ["ae", "teacher", "1", "2"]                    # the pipeline, in order
 PREFIX = {"ae": "ae", "teacher": "teacher", "1": "stage1", "2": "stage2"}   # config-field prefixes
 # fields that may change when a run is resumed; anything else must match the checkpoint
-RUN_FIELDS = {"device", "dtype", "compile", "grad_checkpoint", "grad_accum", "cache_clips", "workers", "log_every", "sample_every", "ckpt_every",
-              "eval_clips", "report_clips", "feature_steps"} | {f"{p}_steps" for p in PREFIX.values()}
+RUN_FIELDS = {"device", "dtype", "compile", "grad_checkpoint", "grad_accum", "cache_clips", "workers", "log_every",
+              "sample_every", "ckpt_every", "eval_clips", "report_clips", "feature_steps"} | {
+              f"{p}_steps" for p in PREFIX.values()}

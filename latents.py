@@ -42,8 +42,10 @@ def file_identity(path):
 
 def cache_key(cfg, out, dtype):
     """What a clip's latents depend on (train.py's Config): the autoencoder's weights (by file size and
-    time: run/ae.pt or SVD's folder), the frames, the data, the precision they were encoded in."""
-    return {"ae": file_identity(cfg.svd or os.path.join(out, "ae.pt")), "data": cfg.data,
+    time: run/ae.pt or SVD's folder), the frames, the data (a folder's files: one more file changes
+    which file every clip index reads), the precision they were encoded in."""
+    return {"ae": file_identity(cfg.svd or os.path.join(out, "ae.pt")),
+            "data": file_identity(cfg.data) if cfg.data else "synthetic",
             "size": list(frame_size(cfg.size, cfg.image_size)), "num_frames": cfg.num_frames,
             "frame_stride": cfg.frame_stride, "motion_bucket": cfg.motion_bucket if cfg.svd else None,
             "seed": cfg.seed, "dtype": str(dtype)}
@@ -61,7 +63,7 @@ def read_meta(folder):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"latent cache {path} is unreadable ({e}); rebuild it with --stage latents --fresh") from None
+        raise UserError(f"latent cache {path} is unreadable ({e}); --stage latents --fresh rebuilds it") from None
 
 
 def _write_meta(folder, meta):

@@ -20,7 +20,6 @@ from data import UserError
 from unet import AlphaBlender, Attention
 
 
-
 class LoRA(nn.Module):
     """A frozen Linear or ConvNd plus a trainable low-rank update. For a conv, A is a conv with the base
     kernel and r output channels and B a 1x1 conv, so B A is a rank-r change of the flattened kernel.
@@ -57,7 +56,11 @@ class LoRA(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        return y if self.merged or self.off else y + self.B(self.A(x)) * self.scale
+        if self.merged or self.off:
+            return y
+        if not torch.is_autocast_enabled(x.device.type):      # a bf16 base sampled without autocast
+            x = x.to(self.A.weight.dtype)
+        return y + (self.B(self.A(x)) * self.scale).to(y.dtype)
 
 
 def add_lora(model, rank, alpha=None, convs=False):
@@ -133,8 +136,8 @@ def teacher_of(f):
 def trained_state(model):
     """What a student's checkpoint holds: its trainable parameters and its buffers. The frozen base
     comes from where it was built (teacher.pt or SVD's folder), which the checkpoint names."""
-    train = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in train or k in dict(model.named_buffers())}
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in keep}
 
 
 def load_trained(model, state, fresh=()):

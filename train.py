@@ -1,13 +1,16 @@
-"""Training: the command line, the presets, and the one loop that every stage of the pipeline shares.
+"""Training: the command line, and the one loop that every stage of the pipeline shares.
 
     python train.py --stage ae           # the latent autoencoder (autoencoder.py); also teacher, 1, 2
     python train.py --stage all          # ae, teacher, 1, 2 in order (finished ones kept), then the report
+    python train.py --stage latents      # encode the training clips once (latents.py); the stages read them
+    python train.py --bench --svd random:svd-xt --size 320x576 --frames 14      # memory and time (bench.py)
     torchrun --nproc_per_node=2 train.py --stage ae     # DistributedDataParallel, gloo on CPU
 
 The paper's "implementation details" live here: Adam, mixed precision (bf16 autocast on CUDA by
-default; fp16 with a GradScaler; fp32 on CPU), an EMA of the weights, gradient clipping, DDP, logging
-and checkpoints. A stage hands the loop its networks, optimisers and a `step` function (`Stage`; the
-student stages build theirs in gan.py and distill.py); the loop owns everything else.
+default; fp16 with a GradScaler; fp32 on CPU), gradient accumulation, an EMA of the weights, gradient
+clipping, DDP, logging and checkpoints (config.py holds every hyperparameter). A stage hands the loop
+its networks, optimisers and a `step` function (`Stage`; the student stages build theirs in gan.py and
+distill.py); the loop owns everything else.
 
 Read first: `train_stage`. Two design decisions make runs resumable on the same trajectory:
 - data is a pure function of (step, rank): step s reads clips s*B .. s*B+B-1 of the dataset, split
@@ -42,9 +45,9 @@ import lora
 import svd
 import unet
 from autoencoder import AEConfig, AutoEncoder, ae_loss, measure_scale_factor, psnr
+from config import PREFIX, PRESETS, RUN_FIELDS, STAGES, Config
 from data import FixedMotion, StepBatches, SyntheticVideos, UserError, VideoFolder, frame_size, write_video
 from evaluate import stage_checks, write_report
-from config import PREFIX, PRESETS, RUN_FIELDS, STAGES, Config
 from sample import cfg_scale, load_ae, load_checkpoint, load_teacher
 
 
@@ -122,7 +125,7 @@ def setup_teacher(cfg, run):
     parts = unet.setup_teacher(cfg, ae_config["latent_channels"], ae, run.device)
     label = f"teacher, {cfg.sample_steps} Euler steps with CFG {cfg.cfg_min}->{cfg.cfg_max}"
     sample, finish = stage_checks(label, parts["ema"]["denoiser"], ae, run, cfg, cfg.sample_steps,
-                            cfg_scale(cfg.cfg_min, cfg.cfg_max, cfg.num_frames), "euler")
+                                  cfg_scale(cfg.cfg_min, cfg.cfg_max, cfg.num_frames), "euler")
     return Stage(parts["models"], parts["opts"], parts["step"], parts["ema"], sample, finish,
                  extra={**parts["extra"], "ae_config": ae_config, "ae_state": ae.state_dict()})
 
@@ -131,11 +134,11 @@ def student_stage(name, parts, ae, ae_config, ucfg, run, cfg, **extra):
     """The Stage of a student (Stage 1 or 2) from the parts gan.py / distill.py return: one-step videos
     of the EMA student, the end-of-stage check, and what loading the checkpoint needs."""
     sample, finish = stage_checks(f"{name}, 1 step (NFE 1)", parts["ema"]["student"], ae, run, cfg, 1, 1.0,
-                            "consistency")
+                                  "consistency")
     own_ae = {} if cfg.svd else {"ae_state": ae.state_dict()}          # SVD's encoders stay in its folder
     return Stage(parts["models"], parts["opts"], parts["step"], parts["ema"], sample, finish, cosine=False,
                  extra={"unet_config": ucfg, "ae_config": ae_config, **own_ae, "sigma_min": cfg.sigma_min,
-               "base": cfg.svd or "teacher.pt",                         # the frozen weights the adapters sit on
+                        "base": cfg.svd or "teacher.pt",                # the frozen weights the adapters sit on
                         **parts["extra"], **extra})
 
 
@@ -340,7 +343,8 @@ def train_stage(name, cfg, run, mode):
         if run.master:
             save_atomic({
                 "stage": name, "step": step, "done": done, "config": dataclasses.asdict(cfg),
-                "models": {k: lora.trained_state(m) if is_student(m) else m.state_dict() for k, m in spec.models.items()},
+                "models": {k: lora.trained_state(m) if is_student(m) else m.state_dict()
+                           for k, m in spec.models.items()},
                 "ema": {k: e.state_dict() for k, e in spec.ema.items()},
                 "opts": {k: o.state_dict() for k, o in spec.opts.items()},
                 "scaler": scaler.state_dict(), **spec.extra, **(results or {}),
@@ -354,7 +358,8 @@ def train_stage(name, cfg, run, mode):
               + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for k, m in spec.models.items()))
     data = run.dataset
     if name != "ae":                                              # the latent cache, when it fits this run
-        data = latents.open_cache(os.path.join(run.out, "latents"), latents.cache_key(cfg, run.out, run.ptdtype)) or data
+        key = latents.cache_key(cfg, run.out, run.ptdtype)
+        data = latents.open_cache(os.path.join(run.out, "latents"), key) or data
         if data is not run.dataset and run.master:
             print(f"stage {name}: reading the latent cache {data.folder} ({len(data)} clips)")
     loader = step_loader(cfg, run, data, B, start, steps)
@@ -416,6 +421,8 @@ def step_loader(cfg, run, data, B, first, last):
 def encode_latents(cfg, run, fresh):
     """`python train.py --stage latents`: the clips the stages will read, encoded once (latents.py); as
     many as the longest of them reads (steps x batch) unless --cache-clips."""
+    if run.ddp:
+        raise UserError("--stage latents runs in one process: start it with python, not torchrun")
     ae = finished(run, "ae")[0]
     stages = ["1", "2"] if cfg.svd else ["teacher", "1", "2"]
     clips = cfg.cache_clips or max(getattr(cfg, f"{PREFIX[s]}_steps") * getattr(cfg, f"{PREFIX[s]}_batch_size")
@@ -427,7 +434,8 @@ def encode_latents(cfg, run, fresh):
             torch.manual_seed(step_seed(cfg.seed, s, 1))                  # the augmentation noise of batch s
             with torch.no_grad(), run.autocast:
                 yield unet.latents_and_condition(ae, {k: v.to(run.device) for k, v in batch.items()})
-    latents.write_cache(os.path.join(run.out, "latents"), latents.cache_key(cfg, run.out, run.ptdtype), clips, batches, fresh)
+    key = latents.cache_key(cfg, run.out, run.ptdtype)
+    latents.write_cache(os.path.join(run.out, "latents"), key, clips, batches, fresh)
 
 
 def mean_over_ranks(stats, run):
@@ -460,6 +468,7 @@ def parse(argv):
     p.add_argument("--stage", choices=STAGES + ["all", "latents"])
     p.add_argument("--bench", action="store_true", help="time Stage 1 and 2 on a random SVD (bench.py): "
                    "--svd random:svd-xt --size 320x576 --frames 14")
+    p.add_argument("--bench-steps", type=int, default=3, help="--bench: timed steps per stage (0: the weights held)")
     p.add_argument("--frames", dest="num_frames", type=int, help="frames per clip (the same as --num-frames)")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--out", default="runs/default", help="run folder (default runs/default)")
@@ -506,7 +515,7 @@ def main(argv=None):
     warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
     args = parse(argv)
     if args.bench:
-        return bench.main(make_config(args, []))
+        return bench.main(make_config(args, []), args.bench_steps)
     stages = (["1", "2"] if args.svd else STAGES) if args.stage == "all" else [args.stage]
     cfg = make_config(args, [s for s in stages if s in PREFIX])
     run = None

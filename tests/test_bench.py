@@ -15,10 +15,21 @@ def test_bench_runs_both_stages_at_a_tiny_size(monkeypatch, capsys):
                        "--dtype", "bfloat16", "--grad-checkpoint"]) == 0
     out = capsys.readouterr().out
     assert "16x24, 2 frames, batch 1, cpu bfloat16, gradient checkpointing on" in out
-    assert re.search(r"weights held: base [\d.]+ GiB \(bfloat16\)", out)
+    assert re.search(r"weights held in Stage 2: [\d.]+ GiB = the base once [\d.]+ GiB \(bfloat16\)", out)
     for stage in ("1", "2"):
         assert re.search(rf"stage {stage}: process peak RSS [\d.]+ GiB, [\d.]+ s per step", out)
     assert "5 Euler steps with CFG: 10 NFE" in out
+
+
+def test_bench_counts_svd_xts_weights_held_without_building_them(capsys):
+    """--bench-steps 0: the weights Stage 2 holds at SVD-XT's size, counted on the meta device. The base is
+    1,524,623,082 parameters: 2.84 GiB in bf16 once, against 17.04 GiB for three fp32 copies."""
+    assert train.main(["--bench", "--svd", "random:svd-xt", "--size", "320x576", "--frames", "14",
+                       "--dtype", "bfloat16", "--bench-steps", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "the base once 2.84 GiB (bfloat16)" in out and "three fp32 copies of the base would be 17.04 GiB" in out
+    total = float(re.search(r"weights held in Stage 2: ([\d.]+) GiB", out).group(1))
+    assert 2.84 < total < 3.5 and "stage 1:" not in out
 
 
 def test_bench_base_is_bf16_and_trainables_fp32():

@@ -65,6 +65,23 @@ def test_lora_rank_zero_is_full_fine_tuning():
     assert len(params) == len(list(f.parameters())) and not any(isinstance(m, lora.LoRA) for m in f.modules())
 
 
+def test_a_bf16_base_runs_with_and_without_autocast():
+    # training runs under autocast; the end-of-stage check and sampling run the same student without it
+    torch.manual_seed(0)
+    f = randomise(Denoiser.new(MICRO)).eval()
+    ref = copy.deepcopy(f)
+    lora.to_student(f, 0.002, {"rank": 4, "convs": True, "blends": True}, dtype=torch.bfloat16)
+    lora.to_student(ref, 0.002, {"rank": 4, "convs": True, "blends": True})
+    x, sigma, c = torch.randn(2, 8, 4, 8, 8), torch.tensor([0.5, 3.0]), cond_for(2)
+    with torch.no_grad():
+        plain = f(x, sigma, c)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = f(x, sigma, c)
+        exact = ref(x, sigma, c)
+    scale = exact.abs().max()
+    assert (plain - exact).abs().max() < 0.05 * scale and (auto - exact).abs().max() < 0.05 * scale
+
+
 def test_boundary_condition_is_exact_and_the_student_starts_as_the_teacher():
     torch.manual_seed(0)
     teacher = randomise(Denoiser.new(MICRO)).eval()   # a non-zero output layer: the network's term is visible
