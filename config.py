@@ -5,7 +5,10 @@ its value: the paper (OSV), SVD, EDM, another cited work, or "ours" where the pa
 value was chosen here (docs/experiments.md measures the choices that matter). A checkpoint keeps the
 config it was trained with; resuming with other values is refused, except for RUN_FIELDS.
 """
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
+
+from data import UserError
 
 
 @dataclass
@@ -107,3 +110,31 @@ PREFIX = {"ae": "ae", "teacher": "teacher", "1": "stage1", "2": "stage2"}   # co
 RUN_FIELDS = {"device", "dtype", "compile", "grad_checkpoint", "grad_accum", "cache_clips", "workers", "log_every",
               "sample_every", "ckpt_every", "eval_clips", "report_clips", "feature_steps"} | {
               f"{p}_steps" for p in PREFIX.values()}
+
+
+# what `check` holds each numeric field to (beyond finite and >= 0, which every field must be)
+AT_LEAST_ONE = {"image_size", "num_frames", "frame_stride", "ae_latent_channels", "grid_size", "m", "sample_steps",
+                "grad_accum", "log_every", "sample_every", "ckpt_every", "eval_clips", "report_clips", "feature_steps",
+                *(f"{p}_{k}" for p in PREFIX.values() for k in ("steps", "batch_size"))}
+POSITIVE = {"sigma_min", "sigma_max", "p_std", "grad_clip", "disc_lr", *(f"{p}_lr" for p in PREFIX.values())}
+AT_MOST_ONE = {"cond_drop", "stage1_top", "stage2_top", "stage2_direct", "ema_decay", "target_decay"}
+SIGNED = {"p_mean"}                                  # ln sigma's mean: any finite number
+
+
+def check(cfg):
+    """Every value a run cannot use, as a one-line error before any work starts."""
+    for f in fields(cfg):
+        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(v, tuple) and not all(isinstance(c, int) and c > 0 for c in v):
+            raise UserError(f"{flag} {','.join(map(str, v))}: every value must be a positive integer")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        bad = ("is not a finite number" if not math.isfinite(v) else
+               "must be at least 1" if f.name in AT_LEAST_ONE and v < 1 else
+               "must be positive" if f.name in POSITIVE and v <= 0 else
+               "must not be negative" if v < 0 and f.name not in SIGNED else
+               "must be at most 1" if f.name in AT_MOST_ONE and v > 1 else None)
+        if bad:
+            raise UserError(f"{flag} {v} {bad}")
+    if cfg.sigma_max <= cfg.sigma_min:
+        raise UserError(f"--sigma-max {cfg.sigma_max} must be above --sigma-min {cfg.sigma_min}")

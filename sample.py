@@ -15,6 +15,7 @@ Read first: `sample_heun` (EDM Algorithm 2, line by line), `guided` (SVD's per-f
     python sample.py --ckpt runs/default/stage2.pt --image frame.png --steps 1 --tts --out video.mp4
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -283,6 +284,14 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     try:
+        for flag, v, low in (("--steps", a.steps, 1), ("--index", a.index, 0), ("--num", a.num, 1),
+                             ("--frames", a.frames, 1), ("--seed", a.seed, 0), ("--tts-sigma", a.tts_sigma, 0),
+                             ("--cfg", a.cfg, 0), ("--cfg-min", a.cfg_min, 0), ("--fps", a.fps, 0),
+                             ("--motion", a.motion, 0), ("--cond-aug", a.cond_aug, 0)):
+            if v is not None and not (math.isfinite(v) and v >= low):       # 0 steps is not 25 steps
+                raise UserError(f"{flag} {v}: must be a finite number >= {low}")
+        if a.tts_sigma <= 0:
+            raise UserError(f"--tts-sigma {a.tts_sigma}: the Time Travel Sampler's level must be positive")
         if not a.out.lower().endswith((".mp4", ".gif")):
             raise UserError(f"--out {a.out}: use .mp4 or .gif")
         D, ae, cfg, stage = load_svd(a.svd, a.device) if a.svd else load_model(a.ckpt, a.device)

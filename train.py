@@ -25,10 +25,13 @@ import dataclasses
 import json
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +48,7 @@ import lora
 import svd
 import unet
 from autoencoder import AEConfig, AutoEncoder, ae_loss, measure_scale_factor, psnr
-from config import PREFIX, PRESETS, RUN_FIELDS, STAGES, Config
+from config import PREFIX, PRESETS, RUN_FIELDS, STAGES, Config, check
 from data import FixedMotion, StepBatches, SyntheticVideos, UserError, VideoFolder, frame_size, write_video
 from evaluate import stage_checks, write_report
 from sample import cfg_scale, load_ae, load_checkpoint, load_teacher
@@ -53,6 +56,26 @@ from sample import cfg_scale, load_ae, load_checkpoint, load_teacher
 
 class NonFiniteLoss(Exception):
     pass
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM during a stage's steps: the step finished and a checkpoint was written."""
+
+
+@contextmanager
+def stop_requests():
+    """While training: Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current step instead of
+    killing it mid-step. Yields the list the handler appends to. Outside the main thread: no handler."""
+    asked = []
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+    old = {s: signal.signal(s, lambda signum, frame: asked.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @dataclass
@@ -196,7 +219,21 @@ class Run:
         self.autocast = (nullcontext() if dtype == "float32"
                          else torch.autocast(self.device.type, dtype=self.ptdtype))
         self.scaler_enabled = dtype == "float16"
-        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        try:                      # a read-only or missing-permission folder fails here, not at the first log
+            os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+            if self.master:
+                self.lock()
+        except OSError as e:
+            raise UserError(f"cannot write to the run folder {out}: {e.strerror or e}") from None
+        try:
+            self.open_data(cfg, out)
+        except BaseException:               # the lock goes with the failed start
+            self.close()
+            raise
+        self._eval = None
+
+    def open_data(self, cfg, out):
+        """The training and evaluation clips: a folder of videos, or the synthetic train and test splits."""
         hw = frame_size(cfg.size, cfg.image_size)                                    # (H, W)
         if cfg.data:
             self.dataset = VideoFolder(cfg.data, hw, cfg.num_frames, cfg.frame_stride,
@@ -210,7 +247,6 @@ class Run:
             same = self.eval_set is self.dataset
             self.dataset = FixedMotion(self.dataset, cfg.motion_bucket)
             self.eval_set = self.dataset if same else FixedMotion(self.eval_set, cfg.motion_bucket)
-        self._eval = None
 
     def eval_batch(self, n):
         """The first n clips of the evaluation set (the synthetic test split): video, fps, motion."""
@@ -225,6 +261,47 @@ class Run:
         if self.master:
             with open(os.path.join(self.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def forget_log(self, stage, step):
+        """On resume: drop this stage's (and tag's) records after `step`; those steps are logged again."""
+        path = os.path.join(self.out, "log.jsonl")
+        if not self.master or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        keep = [r for r in records if not (r.get("stage") == stage and r.get("tag", "") == self.tag
+                                           and r.get("step", 0) > step)]
+        save_atomic("".join(json.dumps(r) + "\n" for r in keep), path, text=True)
+
+    def lock(self):
+        """One command per run folder: `.lock` holds the PID of the process that uses it. A live holder
+        is a one-line error; a lock whose process is gone is taken over with a warning."""
+        path = os.path.join(self.out, ".lock")
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            with open(path) as f:
+                pid = int(f.read().strip() or 0)
+            try:
+                os.kill(pid, 0)                                   # signal 0: is it alive?
+                alive = pid > 0
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:                               # alive, another user's
+                alive = True
+            if alive:
+                raise UserError(f"{self.out} is in use by process {pid}: one command per run folder "
+                                f"(wait for it, or stop it)") from None
+            warnings.warn(f"{self.out}: taking over the lock of process {pid}, which is gone")
+            os.remove(path)
+            return self.lock()
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        self.locked = path
+
+    def close(self):
+        if getattr(self, "locked", None) and os.path.isfile(self.locked):
+            os.remove(self.locked)
 
 
 def ckpt_path(run, name, tag=None):
@@ -242,9 +319,13 @@ def step_seed(*xs):
     return int(np.random.SeedSequence(list(xs)).generate_state(1)[0])
 
 
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
+def save_atomic(obj, path, text=False):
+    tmp = f"{path}.{os.getpid()}.tmp"                 # unique: never another process's half-written file
+    if text:
+        with open(tmp, "w") as f:
+            f.write(obj)
+    else:
+        torch.save(obj, tmp)
     os.replace(tmp, path)            # a crash mid-write never leaves a half-written checkpoint
 
 
@@ -304,6 +385,8 @@ def train_stage(name, cfg, run, mode):
     spec = SETUP[name](cfg, run)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.scaler_enabled)
     start = restore(spec, scaler, ckpt) if ckpt is not None else 0
+    if ckpt is not None:
+        run.forget_log(name, start)                # the records of steps after the checkpoint come again
     last_good = f"{path} (step {start})" if ckpt is not None else "none: no checkpoint was written yet"
     for o in spec.opts.values():             # each optimiser keeps its own base rate (Stage 1: student and disc)
         for g in o.param_groups:
@@ -364,7 +447,8 @@ def train_stage(name, cfg, run, mode):
             print(f"stage {name}: reading the latent cache {data.folder} ({len(data)} clips)")
     loader = step_loader(cfg, run, data, B, start, steps)
     sums, counts, n, t0 = {}, {}, 0, time.time()
-    with tqdm(total=steps, initial=start, desc=f"stage {name}", disable=not run.master, dynamic_ncols=True) as bar:
+    with stop_requests() as asked, tqdm(total=steps, initial=start, desc=f"stage {name}", disable=not run.master,
+                                        dynamic_ncols=True) as bar:
         for step, batch in enumerate(loader, start):
             torch.manual_seed(step_seed(cfg.seed, run.rank, step))
             batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
@@ -378,7 +462,9 @@ def train_stage(name, cfg, run, mode):
             stats = {k: torch.stack([s[k].detach().float() for s in stats]).mean() for k in stats[0]}
             for e in spec.ema.values():
                 e.update(step)
+            stats["_stop"] = torch.tensor(float(bool(asked)))      # every rank stops at the same step
             vals = mean_over_ranks(stats, run)
+            stop = vals.pop("_stop") > 0
             bad = [k for k, v in vals.items() if not math.isfinite(v) and not k.startswith("acc_")]
             if bad:
                 raise NonFiniteLoss(f"stage {name}: non-finite {bad[0]} ({vals[bad[0]]}) at step {step + 1}; "
@@ -396,13 +482,21 @@ def train_stage(name, cfg, run, mode):
                 sums, counts, n, t0 = {}, {}, 0, time.time()
             if run.master and spec.sample and (done % cfg.sample_every == 0 or done == steps):
                 spec.sample(os.path.join(run.out, "samples", f"{name}_{done:06d}.mp4"))
-            if done % cfg.ckpt_every == 0 and done < steps:
+            if done % cfg.ckpt_every == 0 and done < steps or stop and done < steps:
                 save(done, False)
                 last_good = f"{path} (step {done})"
+            if stop and done < steps:
+                raise Interrupted(f"stage {name}: stopped at step {done} of {steps}; saved {path}")
     if run.ddp:
         check_replicas(spec.models)
+    save(max(start, steps), True)                 # the stage is safe before its check, which takes minutes
+    if run.master and spec.finish:
+        print(f"stage {name}: trained, saved {path}; the end-of-stage check follows")
+    if asked:
+        raise Interrupted(f"stage {name}: finished and saved {path}; its end-of-stage check was skipped")
     results = spec.finish() if spec.finish else {}
-    save(max(start, steps), True, results)
+    if results:
+        save(max(start, steps), True, results)
     run.log({"stage": name, "event": "done", "step": max(start, steps), **results})
     if run.master:
         print(f"stage {name}: done, {path}")
@@ -463,8 +557,16 @@ def check_replicas(models):
 # ----------------------------------------------------------------------------------------------
 # CLI
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (its default prints the whole usage first)."""
+
+    def error(self, message):
+        print(f"error: {message} (`{self.prog} --help` lists the flags)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse(argv):
-    p = argparse.ArgumentParser(description="Train a stage of OSV (see README.md).")
+    p = Parser(description="Train a stage of OSV (see README.md).")
     p.add_argument("--stage", choices=STAGES + ["all", "latents"])
     p.add_argument("--bench", action="store_true", help="time Stage 1 and 2 on a random SVD (bench.py): "
                    "--svd random:svd-xt --size 320x576 --frames 14")
@@ -510,16 +612,29 @@ def make_config(args, stages):
     return cfg
 
 
+def resume_command(argv, keep):
+    """The command that continues this one, quoted for the shell: the same flags, without --fresh, with
+    --resume (for --stage all, `keep` mode already resumes an unfinished stage)."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--fresh"]
+    return shlex.join(["python", "train.py", *args, *([] if keep or "--resume" in args else ["--resume"])])
+
+
 def main(argv=None):
     # user-facing warnings (a skipped video file) as one line each, without the source line
     warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
-    args = parse(argv)
-    if args.bench:
-        return bench.main(make_config(args, []), args.bench_steps)
+    try:
+        args = parse(argv)
+    except SystemExit as e:                    # --help, or a flag argparse cannot read (one line)
+        return e.code
     stages = (["1", "2"] if args.svd else STAGES) if args.stage == "all" else [args.stage]
     cfg = make_config(args, [s for s in stages if s in PREFIX])
-    run = None
+    run, term = None, None
+    if threading.current_thread() is threading.main_thread():    # SIGTERM outside the steps: as Ctrl-C
+        term = signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
     try:
+        check(cfg)                              # every impossible value, before any work
+        if args.bench:
+            return bench.main(cfg, args.bench_steps)
         if args.tag and not args.tag.replace("-", "").isalnum():
             raise UserError(f"--tag {args.tag!r}: use letters, digits and dashes")
         if args.svd and args.stage in ("ae", "teacher"):
@@ -539,7 +654,15 @@ def main(argv=None):
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (Interrupted, KeyboardInterrupt) as e:
+        what = str(e) if isinstance(e, Interrupted) else "interrupted; finished stages and the last checkpoint are kept"
+        print(f"{what}. Resume with: {resume_command(argv, args.stage == 'all')}", file=sys.stderr)
+        return 130
     finally:
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
+        if run is not None:
+            run.close()
         if run is not None and run.ddp and dist.is_initialized():
             dist.destroy_process_group()
     return 0

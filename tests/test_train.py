@@ -1,15 +1,20 @@
 """train.py: exact resume, non-finite loss, DDP on CPU, stage errors, mixed precision."""
+import dataclasses
 import json
 import os
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import av
 import pytest
 import torch
 
+import config
 import evaluate
 import sample
 from data import SyntheticVideos, write_video
@@ -46,12 +51,13 @@ def test_exact_resume(tmp_path, monkeypatch, fast_args):
     args = ["--stage", "ae", "--steps", "8", "--ckpt-every", "4", *fast_args]
     assert train.main([*args, "--out", a]) == 0
     interrupt_at(monkeypatch, 6, KeyboardInterrupt())       # dies during step 6, after the step-4 save
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*args, "--out", b])
+    assert train.main([*args, "--out", b]) == 130
     assert torch.load(os.path.join(b, "ae.pt"), weights_only=False)["step"] == 4
     monkeypatch.undo()
     assert train.main([*args, "--out", b]) == 2              # neither --resume nor --fresh: refused
     assert train.main([*args, "--out", b, "--resume"]) == 0
+    recs = [json.loads(line) for line in open(os.path.join(b, "log.jsonl"))]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 9))     # each step once after the resume
     la, lb = losses(a), losses(b)
     assert sorted(la) == sorted(lb) == list(range(1, 9))
     for s in range(1, 9):
@@ -225,3 +231,116 @@ def test_non_square_frames_train_and_sample(tmp_path, capsys, fast_args, micro_a
     assert frame.width == 2 * frame.height                              # 16x32, scaled up for viewing
     assert train.main(["--stage", "ae", "--size", "16by32", "--out", str(tmp_path / "bad")]) == 2
     assert "--size" in capsys.readouterr().err
+
+
+def start(args, **kw):
+    """train.py in its own process, unbuffered, as a user starts it."""
+    return subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(cond, timeout=120):
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.1)
+
+
+def logged_steps(out):
+    path = os.path.join(out, "log.jsonl")
+    return [json.loads(line)["step"] for line in open(path) if "loss" in line] if os.path.isfile(path) else []
+
+
+def test_sigint_mid_stage_saves_and_says_how_to_resume(tmp_path, fast_args):
+    out = str(tmp_path / "my run")                                         # a space: the command is quoted
+    args = ["--stage", "ae", "--steps", "60", "--out", out, "--ckpt-every", "1000", *fast_args]
+    proc = start(args)
+    wait_for(lambda: len(logged_steps(out)) >= 3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    ck = torch.load(os.path.join(out, "ae.pt"), weights_only=False)
+    assert not ck["done"] and 3 <= ck["step"] < 60 and f"stopped at step {ck['step']} of 60" in err
+    resume = err.strip().splitlines()[-1].split("Resume with: ")[1]
+    assert shlex.split(resume)[:2] == ["python", "train.py"] and shlex.split(resume)[-1] == "--resume"
+    assert train.main(shlex.split(resume)[2:]) == 0
+    assert logged_steps(out) == list(range(1, 61))                          # each step once
+
+
+def test_sigint_in_the_end_of_stage_check_keeps_the_finished_stage(tiny_run, tmp_path):
+    out = str(tmp_path / "r")
+    shutil.copytree(tiny_run, out)
+    os.remove(os.path.join(out, "teacher.pt"))
+    proc = start(["--stage", "teacher", "--steps", "2", "--out", out, "--unet-channels", "16", "--batch-size", "2",
+                  "--sample-steps", "25", "--eval-clips", "64", "--log-every", "1", "--warmup", "2"])
+    for line in proc.stdout:                                               # the check starts after the save
+        if "end-of-stage check follows" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Resume with:" in err, err
+    ck = torch.load(os.path.join(out, "teacher.pt"), weights_only=False)
+    assert ck["done"] and ck["step"] == 2                                   # the stage is not lost
+    assert sample.main(["--ckpt", os.path.join(out, "teacher.pt"), "--steps", "1", "--out",
+                        str(tmp_path / "v.gif")]) == 0
+
+
+def test_one_command_per_run_folder(tmp_path, capsys, fast_args):
+    out = str(tmp_path / "r")
+    proc = start(["--stage", "ae", "--steps", "100000", "--out", out, *fast_args])
+    wait_for(lambda: os.path.isfile(os.path.join(out, ".lock")))
+    assert train.main(["--stage", "ae", "--out", out, "--resume", *fast_args]) == 2
+    err = capsys.readouterr().err
+    assert f"in use by process {proc.pid}" in err and len(err.strip().splitlines()) == 1
+    wait_for(lambda: len(logged_steps(out)) >= 1)
+    proc.send_signal(signal.SIGTERM)                                        # SIGTERM: the same clean stop
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130 and not os.path.exists(os.path.join(out, ".lock"))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with open(os.path.join(out, ".lock"), "w") as f:                       # a stale lock: its process is gone
+        f.write(gone.stdout.strip())
+    with pytest.warns(UserWarning, match="taking over the lock"):
+        assert train.main(["--stage", "ae", "--out", out, "--resume", "--steps", "1", *fast_args]) == 0
+
+
+def test_an_unwritable_run_folder_is_refused_at_start(tmp_path, monkeypatch, capsys, fast_args):
+    def denied(*a, **k):                                                   # root ignores chmod: simulate it
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(train.os, "makedirs", denied)
+    assert train.main(["--stage", "ae", "--out", str(tmp_path / "r"), *fast_args]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to the run folder" in err and len(err.strip().splitlines()) == 1
+
+
+def numeric_flags():
+    for f in dataclasses.fields(config.Config):
+        if f.type in (int, float):
+            yield "--" + f.name.replace("_", "-"), f
+
+
+def test_every_impossible_value_is_a_one_line_error(tmp_path, capsys):
+    """Negative, NaN, infinite, unreadable, and zero where zero means nothing: for every numeric flag of
+    train.py, exit 2 with one line and no traceback, before anything is written."""
+    out = str(tmp_path / "r")
+    for flag, f in numeric_flags():
+        bad = ["-1", "abc"] + (["nan", "inf"] if f.type is float else ["1.5"])
+        if f.name in config.AT_LEAST_ONE | config.POSITIVE:
+            bad.append("0")
+        if f.name in config.SIGNED:
+            bad = ["nan", "inf", "abc"]
+        for v in bad:
+            assert train.main(["--stage", "ae", "--out", out, flag, v]) == 2, (flag, v)
+            err = capsys.readouterr().err
+            assert err.startswith("error:") and len(err.strip().splitlines()) == 1, (flag, v, err)
+    for extra in (["--steps", "-1"], ["--batch-size", "0"], ["--lr", "nan"], ["--ae-channels", "16,0,64"]):
+        assert train.main(["--stage", "all", "--out", out, *extra]) == 2, extra
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--index", "-5"], ["--num", "0"], ["--cfg", "nan"],
+                                 ["--tts-sigma", "0"]])
+def test_sample_refuses_impossible_values(tiny_run, tmp_path, bad, capsys):
+    assert sample.main(["--ckpt", os.path.join(tiny_run, "teacher.pt"), *bad, "--out", str(tmp_path / "v.gif")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
