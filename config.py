@@ -5,6 +5,7 @@ its value: the paper (OSV), SVD, EDM, another cited work, or "ours" where the pa
 value was chosen here (docs/experiments.md measures the choices that matter). A checkpoint keeps the
 config it was trained with; resuming with other values is refused, except for RUN_FIELDS.
 """
+import inspect
 import math
 from dataclasses import dataclass, fields
 
@@ -13,89 +14,90 @@ from data import UserError
 
 @dataclass
 class Config:
-    # data
+    # -- data
     image_size: int = 32            # square frames of this side, unless --size
     size: str = ""                  # HxW frames (SVD: 576x1024; short side resized, centre-cropped)
-    num_frames: int = 8
+    num_frames: int = 8             # frames per clip (--frames)
     data: str = ""                  # a folder of videos; empty: the synthetic bouncing shapes
     frame_stride: int = 1           # folder videos: keep every n-th frame
-    workers: int = 4                # folder videos: decoding processes (at most the CPU count; 0: main thread)
+    workers: int = 4                # folder videos, latent cache: reading processes (at most the CPU count)
     svd: str = ""                   # the published SVD's pipeline folder (svd.py): teacher, VAE, CLIP; no ae, teacher
     motion_bucket: int = 127        # SVD's motion micro-condition for every training clip (AnimateLCM's)
     dinov2: str = ""                # a transformers Dinov2Model folder for the discriminator (else torch.hub)
-    # autoencoder (autoencoder.py); ours: small enough to train in minutes on a CPU
-    ae_channels: tuple = (16, 32, 64)
-    ae_latent_channels: int = 4
+    # -- autoencoder (autoencoder.py); ours: small enough to train in minutes on a CPU
+    ae_channels: tuple = (16, 32, 64)   # widths of the encoder's levels (the decoder mirrors them)
+    ae_latent_channels: int = 4     # latent channels (SVD's VAE: 4)
     ae_kl_weight: float = 1e-6      # SD's first-stage kl_weight
-    ae_steps: int = 2000
+    ae_steps: int = 2000            # training steps
     ae_batch_size: int = 32         # clips; the autoencoder sees one random frame of each
-    ae_lr: float = 2e-3
-    # teacher (unet.py): SVD's video UNet trained with EDM's denoising loss
+    ae_lr: float = 2e-3             # Adam's learning rate
+    # -- teacher (unet.py): SVD's video UNet trained with EDM's denoising loss
     unet: str = "tiny"              # VideoUNet preset in unet.py: tiny, small, svd
     unet_channels: int = 0          # overrides the preset's model_channels when > 0
-    grad_checkpoint: bool = False   # gradient checkpointing per UNet block
-    grad_accum: int = 1             # each step's batch in this many passes (less memory, the same step)
-    cache_clips: int = 0            # --stage latents: clips to encode; 0: as many as the longest stage reads
-    teacher_steps: int = 1200
-    teacher_batch_size: int = 8
-    teacher_lr: float = 5e-4
-    # ln sigma ~ N(p_mean, p_std). Ours: between EDM's image default (-1.2, 1.2) and SVD fine-tuners' (0.7, 1.6)
+    teacher_steps: int = 1200       # training steps
+    teacher_batch_size: int = 8     # clips per step
+    teacher_lr: float = 5e-4        # Adam's learning rate
+    # ln sigma ~ N(p_mean, p_std) in training. Ours: between EDM's image default (-1.2, 1.2) and SVD
+    # fine-tuners' (0.7, 1.6)
     p_mean: float = 0.0
-    p_std: float = 1.2
+    p_std: float = 1.2              # see --p-mean
     cond_drop: float = 0.1          # conditioning dropout so that CFG works (ours, as SD's 0.1)
-    sigma_min: float = 0.002        # EDM and SVD
+    sigma_min: float = 0.002        # the lowest noise level (EDM and SVD)
     # the top noise level of every sampler and of the students' grid. Ours: EDM's 80 (SVD: 700) lies far
-    # outside what our teacher trains on (docs/experiments.md, "The top noise level")
+    # outside what our teacher trains on (docs/experiments.md, "The samplers' levels")
     sigma_max: float = 8.0
-    cfg_min: float = 1.0            # SVD's per-frame guidance ramp, first to last frame (svd.yaml: 1.0 -> 2.5)
-    cfg_max: float = 2.5
-    sample_steps: int = 25          # SVD: 25 steps
-    # Stage 1, latent GAN pretraining (gan.py, discriminator.py); "ours" = not given by the paper
+    cfg_min: float = 1.0            # SVD's per-frame guidance ramp on the first frame (svd.yaml: 1.0 -> 2.5)
+    cfg_max: float = 2.5            # the ramp's value on the last frame
+    sample_steps: int = 25          # the teacher's sampling steps (SVD: 25)
+    # -- Stage 1, latent GAN pretraining (gan.py, discriminator.py); "ours" = not given by the paper
     stage1_steps: int = 400         # the paper: 2K iterations
     stage1_batch_size: int = 8      # the paper: 1 per GPU x 8 GPUs
     stage1_lr: float = 2e-4         # LoRA's Adam; the paper's 5e-6 is for SVD at 2K steps, far too slow here
-    disc_lr: float = 2e-4           # ours
+    disc_lr: float = 2e-4           # the discriminator's Adam (ours)
     lora_rank: int = 8              # ours; 0 = full fine-tuning (the paper's negative result)
     lora_convs: bool = True         # LoRA on the convolutions too, not only attention (ours)
     grid_size: int = 100            # OSV: 100 timesteps
-    # Stage 1's levels (gan.LGP.draw_levels; the paper: "from the grid"). Ours: half at the top level,
-    # where one-step sampling starts, half uniform (docs/experiments.md)
+    # the chance that a sample's level is the top one, where one-step sampling starts, else uniform on the
+    # grid (gan.LGP.draw_levels; the paper: "from the grid"; docs/experiments.md)
     stage1_top: float = 0.5
-    # ours: only fakes from levels >= this meet the discriminator (gan.LGP.meets_disc); 0 is the paper's
-    # form, every fake (docs/experiments.md)
+    # ours: only fakes from levels >= this meet the discriminator, sample by sample (gan.LGP.meets_disc);
+    # 0 is the paper's form, every fake
     adv_min_sigma: float = 1.0
     lambda_adv: float = 0.1         # OSV: the adversarial weight in both stages
     huber_c: float = 0.001          # OSV (from LCM): pseudo-Huber c
     disc_backbone: str = "ae"       # ae | vit | dinov2 (discriminator.py; the offline default is measured)
     disc_input: str = "latent"      # latent (OSV) | decoded (the paper's Table 2e ablation)
     disc_r: int = 0                 # PixelShuffle factor; 0 = autoencoder downsampling / 2 (OSV: 4 on 1/8)
-    # Stage 2, adversarial consistency distillation (distill.py)
+    # -- Stage 2, adversarial consistency distillation (distill.py)
     stage2_steps: int = 200         # the paper: 20K iterations
     stage2_batch_size: int = 8      # the paper: 1 per GPU x 2 GPUs
     stage2_lr: float = 1e-4         # ours (the paper: 5e-6 at SVD scale)
     m: int = 5                      # OSV: the teacher walks 5 grid steps per target
-    # Stage 2's jumps (distill.jump_levels; the paper: n "from the grid"). Ours: half from the top level, a
-    # quarter from direct_sigma straight to the teacher's solution, the rest uniform (docs/experiments.md)
+    # each sample's jump (distill.jump_levels; the paper: n "from the grid"): from the top level with this
+    # chance, from direct_sigma straight to the teacher's solution with --stage2-direct's, else uniform
     stage2_top: float = 0.5
-    stage2_direct: float = 0.25
-    direct_sigma: float = 1.0
+    stage2_direct: float = 0.25     # see --stage2-top
+    direct_sigma: float = 1.0       # where the direct jumps start
     teacher_cfg: str = "ramp"       # CFG in the teacher's steps: SVD's ramp cfg_min -> cfg_max, or a number
     target_decay: float = 0.95      # EMA of the target network (Song et al. 2023's fixed mu)
     from_teacher: bool = False      # the ablation "no Stage 1": ACD from the teacher, LoRA and disc from scratch
-    # the loop
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
+    # -- the loop (train.py)
+    grad_checkpoint: bool = False   # gradient checkpointing per UNet block (less memory, more time)
+    grad_accum: int = 1             # each step's batch in this many passes (less memory, the same step)
+    cache_clips: int = 0            # --stage latents: clips to encode; 0: as many as the longest stage reads
+    ema_decay: float = 0.999        # the EMA of the weights that samples and is evaluated
+    grad_clip: float = 1.0          # gradient norm clipping
     warmup: int = 100               # steps of linear learning-rate warm-up
-    log_every: int = 50
-    sample_every: int = 500
-    ckpt_every: int = 500
+    log_every: int = 50             # steps per record of log.jsonl
+    sample_every: int = 500         # steps per sample video in samples/
+    ckpt_every: int = 500           # steps per checkpoint
     eval_clips: int = 256           # held-out clips for the end-of-stage measurement
     report_clips: int = 200         # held-out clips per row of the report that ends --stage all
     feature_steps: int = 1500       # training steps of the FVD-syn feature network (evaluate.py)
-    seed: int = 0
+    seed: int = 0                   # every random draw follows from it
     device: str = ""                # empty: cuda if available, else cpu
     dtype: str = ""                 # empty: bfloat16 on CUDA, float32 on CPU
-    compile: bool = False
+    compile: bool = False           # torch.compile the trained networks
 
 
 PRESETS = {
@@ -119,6 +121,23 @@ AT_LEAST_ONE = {"image_size", "num_frames", "frame_stride", "ae_latent_channels"
 POSITIVE = {"sigma_min", "sigma_max", "p_std", "grad_clip", "disc_lr", *(f"{p}_lr" for p in PREFIX.values())}
 AT_MOST_ONE = {"cond_drop", "stage1_top", "stage2_top", "stage2_direct", "ema_decay", "target_decay"}
 SIGNED = {"p_mean"}                                  # ln sigma's mean: any finite number
+
+
+def flag_help():
+    """{field: (group, help)} from the comments of `Config` above: a "# -- NAME" line opens a group of
+    flags; a field's trailing comment, after the comment lines just above it, is its --help."""
+    out, group, note = {}, "", []
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        text = line.strip()
+        if text.startswith("# --"):
+            group, note = text[4:].strip(), []
+        elif text.startswith("#"):
+            note.append(text[1:].strip())
+        elif ":" in text:
+            name, _, rest = text.partition(":")
+            out[name] = (group, " ".join(note + [rest.partition("#")[2].strip()]).strip())
+            note = []
+    return out
 
 
 def check(cfg):

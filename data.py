@@ -233,7 +233,8 @@ def _probe(path):
         c.seek(0)
         first = next(c.decode(st))                           # proves that the codec can decode it
         rate = st.average_rate or st.guessed_rate or 25
-        return {"frames": n, "fps": float(rate), "t0": float(first.time or 0.0)}
+        return {"frames": n, "fps": float(rate), "t0": float(first.time or 0.0), "width": first.width,
+                "height": first.height}
 
 
 class VideoFolder:

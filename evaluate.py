@@ -497,6 +497,11 @@ def load_set(src, n, image_size, num_frames, first=0):
         warnings.simplefilter("always")
         folder = VideoFolder(src, image_size, num_frames)
     v, names = folder.first_clips()
+    native = sorted({(i.get("width"), i.get("height"), i["frames"]) for _, i in folder.files[:n]})
+    if any((w, h) != (image_size, image_size) or f != num_frames for w, h, f in native):
+        print(f"note: {src}: each video's first {num_frames} frames, resized and centre-cropped to "
+              f"{image_size}x{image_size} (--size, --frames); the files are "
+              + ", ".join(f"{w}x{h}x{f}" for w, h, f in native[:3]) + (" ..." if len(native) > 3 else ""))
     return v[:n], names[:n]
 
 
@@ -532,7 +537,8 @@ def main(argv=None):
     p.add_argument("--sigma-max", type=float, help="--run: where every sampler starts (default: the run's)")
     p.add_argument("--name", default="report", help="--run: write DIR/NAME.md and DIR/NAME_grid.gif")
     p.add_argument("--models", help="--run: only these checkpoint files, comma-separated (teacher.pt,stage2.pt)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available")
     args = p.parse_args(argv)
     warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
     try:
@@ -556,7 +562,15 @@ def main(argv=None):
             return 0
         real, real_names = load_set(args.real, args.num, args.size, args.frames)
         fake, fake_names = load_set(args.fake, args.num, args.size, args.frames)
-        fd, lo, hi = fd_interval(extract(features, real), extract(features, fake))
+        f_real, f_fake = extract(features, real), extract(features, fake)
+        n, dim = min(len(f_real), len(f_fake)), f_real.shape[1]
+        if n < 2:
+            raise UserError(f"{len(real)} real and {len(fake)} generated videos: a Fréchet distance needs "
+                            f"at least 2 of each (it compares covariances)")
+        if n <= dim:
+            print(f"note: {n} videos for {dim} features: the covariances are singular, so the distance is "
+                  f"biased and its interval unreliable; use more than {dim} videos per set")
+        fd, lo, hi = fd_interval(f_real, f_fake)
         # the conditioning frame of a generated video is the first frame of the real video of the same
         # name; numbers match numbers (000123.mp4 is synthetic test clip 123)
         key = lambda name: str(int(name)) if name.isdigit() else name         # noqa: E731

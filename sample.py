@@ -279,9 +279,10 @@ def main(argv=None):
     p.add_argument("--size", type=parse_size, help="HxW of the video (default: the model's; SVD: 576x1024)")
     p.add_argument("--frames", type=int, help="frames of the video (default: the model's; SVD 14, SVD-XT 25)")
     p.add_argument("--num", type=int, default=1, help="videos from this frame (different noise), as a grid")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the noise of every video follows from it (default: 0)")
     p.add_argument("--out", default="video.mp4", help=".mp4 or .gif")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available")
     a = p.parse_args(argv)
     try:
         for flag, v, low in (("--steps", a.steps, 1), ("--index", a.index, 0), ("--num", a.num, 1),

@@ -48,7 +48,7 @@ import lora
 import svd
 import unet
 from autoencoder import AEConfig, AutoEncoder, ae_loss, measure_scale_factor, psnr
-from config import PREFIX, PRESETS, RUN_FIELDS, STAGES, Config, check
+from config import PREFIX, PRESETS, RUN_FIELDS, STAGES, Config, check, flag_help
 from data import FixedMotion, StepBatches, SyntheticVideos, UserError, VideoFolder, frame_size, write_video
 from evaluate import stage_checks, write_report
 from sample import cfg_scale, load_ae, load_checkpoint, load_teacher
@@ -565,14 +565,17 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parse(argv):
-    p = Parser(description="Train a stage of OSV (see README.md).")
-    p.add_argument("--stage", choices=STAGES + ["all", "latents"])
+def make_parser():
+    p = Parser(description="Train a stage of OSV (see README.md). Every flag below the first group is a field "
+               "of config.py, whose comments say where each default comes from.")
+    p.add_argument("--stage", choices=STAGES + ["all", "latents"], help="ae, teacher, 1 or 2: that stage; all: "
+                   "every stage (finished ones kept), then the report; latents: encode the clips once (latents.py)")
     p.add_argument("--bench", action="store_true", help="time Stage 1 and 2 on a random SVD (bench.py): "
                    "--svd random:svd-xt --size 320x576 --frames 14")
     p.add_argument("--bench-steps", type=int, default=3, help="--bench: timed steps per stage (0: the weights held)")
     p.add_argument("--frames", dest="num_frames", type=int, help="frames per clip (the same as --num-frames)")
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="a set of defaults (config.py): "
+                   "tiny (CPU, minutes; the defaults below) or small (64x64, 16 frames, one GPU)")
     p.add_argument("--out", default="runs/default", help="run folder (default runs/default)")
     p.add_argument("--tag", default="", help="an ablation's name: stage 1/2 write stage1_TAG.pt, stage2_TAG.pt")
     g = p.add_mutually_exclusive_group()
@@ -581,14 +584,23 @@ def parse(argv):
     p.add_argument("--steps", type=int, help="training steps of each stage run by this command")
     p.add_argument("--batch-size", type=int, help="global batch size (clips) of each stage run")
     p.add_argument("--lr", type=float, help="learning rate of each stage run")
+    groups, helps = {}, flag_help()              # config.py's comments are the help, grouped by stage
     for f in dataclasses.fields(Config):       # every preset field can be overridden: --ae-steps 500
-        flag = "--" + f.name.replace("_", "-")
+        flag, (group, text) = "--" + f.name.replace("_", "-"), helps[f.name]
+        g = groups.get(group) or groups.setdefault(group, p.add_argument_group(group))
+        default = ",".join(map(str, f.default)) if f.type is tuple else f.default
+        text = f"{text} (default: {default!r})" if f.type is str else f"{text} (default: {default})"
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.type is tuple:
-            p.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), metavar="A,B,C")
+            g.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), metavar="A,B,C", help=text)
         else:
-            p.add_argument(flag, type=f.type)
+            g.add_argument(flag, type=f.type, help=text, metavar=f.type.__name__.upper())
+    return p
+
+
+def parse(argv):
+    p = make_parser()
     args = p.parse_args(argv)
     if not args.stage and not args.bench:
         p.error("--stage is required")

@@ -1,6 +1,7 @@
 """evaluate.py: the Fréchet distance against closed forms, the ruler's ordering, I3D, diagnostics, CLI."""
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -147,3 +148,22 @@ def test_diagnostics_known_answers():
     # noise of std 0.02 in [-1, 1] is 0.01 in [0, 1]: PSNR about 40 dB; noise is motion, not stillness
     assert 38 < d["first_frame_psnr"] < 42 and d["static_rate"] == 0.0
     assert diagnostics(shuffled(real), real)["motion_ratio"] > 1.5     # shuffling makes jumps
+
+
+def test_too_few_videos_and_resizes_are_said(tmp_path, capsys):
+    """One video cannot give a covariance: a one-line error with the numbers. Two give a distance with a
+    note that it is unreliable; videos of another size are read with a note naming the resize."""
+    torch.jit.script(I3DStandIn()).save(str(tmp_path / "i3d.pt"))
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    clips = SyntheticVideos(48, 12, "test").batch(range(2))["video"]
+    write_video(str(fake / "000000.mp4"), clips[:1], fps=8)
+    args = ["--real", "synthetic", "--fake", str(fake), "--i3d", str(tmp_path / "i3d.pt"), "--num", "4"]
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 generated videos" in err and "at least 2" in err and len(err.strip().splitlines()) == 1
+    write_video(str(fake / "000001.mp4"), clips[1:], fps=8)
+    assert evaluate.main(args) == 0
+    out = capsys.readouterr().out
+    assert "resized and centre-cropped to 32x32" in out and re.search(r"the files are \d+x\d+x12", out)
+    assert "2 videos for 400 features" in out

@@ -344,3 +344,13 @@ def test_sample_refuses_impossible_values(tiny_run, tmp_path, bad, capsys):
     assert sample.main(["--ckpt", os.path.join(tiny_run, "teacher.pt"), *bad, "--out", str(tmp_path / "v.gif")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_every_flag_has_a_help_line_and_shows_its_default(capsys):
+    actions = [a for a in train.make_parser()._actions if a.dest != "help"]
+    assert all(a.help for a in actions), [a.dest for a in actions if not a.help]
+    assert train.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for group in ("data:", "autoencoder", "teacher", "Stage 1", "Stage 2", "the loop"):
+        assert group in out
+    assert "--stage1-top FLOAT" in out and "(default: 0.5)" in out
