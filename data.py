@@ -223,6 +223,11 @@ def load_image(path, size):
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".mpg", ".mpeg", ".gif")
 
 
+# containers with an index, where a seek and the frames' timestamps are exact. Elsewhere (MPEG-PS/TS,
+# AVI, GIF) timestamps after a seek can be off by frames, so a clip decodes from the file's start
+SEEKABLE = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}
+
+
 def _probe(path):
     """Frame count, frame rate and first-frame time of a video file; raises if it cannot be decoded."""
     with av.open(path) as c:
@@ -234,7 +239,7 @@ def _probe(path):
         first = next(c.decode(st))                           # proves that the codec can decode it
         rate = st.average_rate or st.guessed_rate or 25
         return {"frames": n, "fps": float(rate), "t0": float(first.time or 0.0), "width": first.width,
-                "height": first.height}
+                "height": first.height, "seek": c.format.name in SEEKABLE}
 
 
 class VideoFolder:
@@ -303,7 +308,7 @@ class VideoFolder:
         with av.open(path) as c:
             st = c.streams.video[0]
             st.thread_type = "AUTO"
-            seek = start / fps > 2.0 and st.time_base is not None
+            seek = info.get("seek") and start / fps > 2.0 and st.time_base is not None
             if seek:     # jump to the keyframe before the clip instead of decoding everything before it
                 c.seek(int((info["t0"] + start / fps) / st.time_base), stream=st, backward=True)
             for frame in c.decode(st):

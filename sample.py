@@ -17,6 +17,7 @@ Read first: `sample_heun` (EDM Algorithm 2, line by line), `guided` (SVD's per-f
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -187,13 +188,14 @@ def load_checkpoint(path, stages, make=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"cannot read checkpoint {path} (truncated or not a checkpoint): "
+                        f"{str(e).splitlines()[0]}") from None
     stage = ckpt.get("stage") if isinstance(ckpt, dict) else None
     if stage not in stages:
         raise UserError(f"{path} is a checkpoint of stage {stage!r}, not of {' or '.join(stages)}")
     if not ckpt.get("done"):
         raise UserError(f"{path} is unfinished (step {ckpt['step']}): finish it with "
-                        f"`python train.py --stage {stage} --out {os.path.dirname(path) or '.'} --resume`")
+                        f"`python train.py --stage {stage} --out {shlex.quote(os.path.dirname(path) or '.')} --resume`")
     return ckpt
 
 

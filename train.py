@@ -134,7 +134,7 @@ def setup_ae(cfg, run):
 
 def finished(run, name):
     """This run's finished autoencoder (frozen) or teacher (EMA weights) and its config; --svd: SVD's."""
-    path, make = os.path.join(run.out, f"{name}.pt"), f"python train.py --stage {name} --out {run.out}"
+    path, make = os.path.join(run.out, f"{name}.pt"), f"python train.py --stage {name} --out {shlex.quote(run.out)}"
     if name == "ae":
         enc = svd.SVDEncoders.from_pretrained(run.cfg.svd, device=run.device) if run.cfg.svd else None
         return (enc, {"latent_channels": enc.cfg.latent_channels}) if enc else load_ae(path, run.device, make)
@@ -179,7 +179,7 @@ def setup_stage2(cfg, run):
     if not cfg.from_teacher:
         path = ckpt_path(run, "1")
         path = path if os.path.isfile(path) else ckpt_path(run, "1", tag="")     # a tag's own Stage 1, if any
-        stage1 = load_checkpoint(path, "1", f"python train.py --stage 1 --out {run.out}")
+        stage1 = load_checkpoint(path, "1", f"python train.py --stage 1 --out {shlex.quote(run.out)}")
         init = os.path.basename(path)
     parts = distill.setup_stage2(cfg, ae, teacher, stage1, run.device, run.ptdtype)
     return student_stage("stage 2", parts, ae, ae_config, ucfg, run, cfg, init=init)
@@ -574,10 +574,12 @@ def make_parser():
                    "--svd random:svd-xt --size 320x576 --frames 14")
     p.add_argument("--bench-steps", type=int, default=3, help="--bench: timed steps per stage (0: the weights held)")
     p.add_argument("--frames", dest="num_frames", type=int, help="frames per clip (the same as --num-frames)")
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="a set of defaults (config.py): "
+    p.add_argument("--preset", choices=list(PRESETS), help="a set of defaults (config.py; default: tiny): "
                    "tiny (CPU, minutes; the defaults below) or small (64x64, 16 frames, one GPU)")
     p.add_argument("--out", default="runs/default", help="run folder (default runs/default)")
     p.add_argument("--tag", default="", help="an ablation's name: stage 1/2 write stage1_TAG.pt, stage2_TAG.pt")
+    p.add_argument("--override", action="store_true", help="give a run folder's data, sizes, preset or "
+                   "autoencoder a value other than the one it was made with (run.json)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the stage from its checkpoint")
     g.add_argument("--fresh", action="store_true", help="start over, overwriting checkpoints")
@@ -607,8 +609,31 @@ def parse(argv):
     return args
 
 
+# what a run folder is made from: its first command stores these in run.json, later commands inherit them
+RUN_DEFINING = ("preset", "data", "image_size", "size", "num_frames", "frame_stride", "svd", "ae_channels",
+                "ae_latent_channels")
+
+
+def inherit(args):
+    """Fill the flags a run folder was made with (run.json) that this command does not give; a given
+    value that differs is a one-line error unless --override says it is meant."""
+    path = os.path.join(args.out, "run.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        stored = json.load(f)
+    for k, v in stored.items():
+        v, given = tuple(v) if isinstance(v, list) else v, getattr(args, k, None)
+        if given is None:
+            setattr(args, k, v)
+        elif given != v and not args.override:
+            flag = "--" + k.replace("_", "-")
+            raise UserError(f"{args.out} was made with {flag} {v!r}, this command gives {given!r}: leave the "
+                            f"flag out to keep the run's, or add --override to mean it")
+
+
 def make_config(args, stages):
-    cfg = Config(**PRESETS[args.preset])
+    cfg = Config(**PRESETS[args.preset or "tiny"])
     if args.svd:            # SVD's schedule, the SVD-XT pipeline's guidance ramp, the paper's DINOv2; flags override
         # (a folder; or random:NAME, SVD's architecture with random weights for --bench: SVD's schedule)
         cfg.sigma_min, cfg.sigma_max = svd.scheduler_levels(args.svd)
@@ -638,9 +663,15 @@ def main(argv=None):
         args = parse(argv)
     except SystemExit as e:                    # --help, or a flag argparse cannot read (one line)
         return e.code
+    run, term = None, None
+    try:
+        if not args.bench:
+            inherit(args)                       # the run folder's data, sizes, preset and autoencoder
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     stages = (["1", "2"] if args.svd else STAGES) if args.stage == "all" else [args.stage]
     cfg = make_config(args, [s for s in stages if s in PREFIX])
-    run, term = None, None
     if threading.current_thread() is threading.main_thread():    # SIGTERM outside the steps: as Ctrl-C
         term = signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
     try:
@@ -652,6 +683,9 @@ def main(argv=None):
         if args.svd and args.stage in ("ae", "teacher"):
             raise UserError("with --svd the autoencoder and the teacher are SVD's: train --stage 1 and 2")
         run = Run(cfg, args.out, args.tag)
+        if run.master and not os.path.isfile(os.path.join(args.out, "run.json")):
+            made = {k: args.preset or "tiny" if k == "preset" else getattr(cfg, k) for k in RUN_DEFINING}
+            save_atomic(json.dumps(made, indent=1), os.path.join(args.out, "run.json"), text=True)
         mode = "fresh" if args.fresh else "resume" if args.resume else "keep" if args.stage == "all" else "new"
         for s in stages:
             encode_latents(cfg, run, args.fresh) if s == "latents" else train_stage(s, cfg, run, mode)

@@ -234,3 +234,44 @@ def test_a_missing_svd_package_is_a_one_line_error_with_the_install_command():
 def test_the_offline_path_never_imports_the_svd_packages():
     code = "import sys, train; bad = {'diffusers', 'transformers', 'safetensors'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def write_indexed(path, fmt, codec, n=120, size=64):
+    """A video whose frame i shows i in binary (7 black or white bars): frames identify themselves."""
+    frames = np.zeros((n, size, size, 3), np.uint8)
+    for i in range(n):
+        for b in range(7):
+            frames[i, :, b * 9:b * 9 + 8] = 255 * ((i >> b) & 1)
+    if fmt == "gif":                                  # our writer: a palette, 4 cs per frame
+        return write_video(str(path), torch.from_numpy(frames).permute(0, 3, 1, 2) / 127.5 - 1, fps=25, scale=1)
+    with av.open(str(path), "w", format=fmt) as c:
+        st = c.add_stream(codec, rate=25)
+        st.width, st.height = size, size
+        st.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        st.codec_context.gop_size = 12
+        for a in frames:
+            for p in st.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in st.encode():
+            c.mux(p)
+
+
+def frame_index(frame):
+    """The index drawn by write_indexed, from a (3, H, W) frame in [-1, 1]."""
+    return sum(int(frame[:, :, b * 9:b * 9 + 8].mean() > 0) << b for b in range(7))
+
+
+@pytest.mark.parametrize("fmt, codec, ext", [("mpeg", "mpeg2video", ".mpg"), ("mp4", "h264", ".mp4"),
+                                             ("avi", "mjpeg", ".avi"), ("gif", "gif", ".gif")])
+def test_every_clip_start_gives_the_exact_frames(tmp_path, fmt, codec, ext):
+    """Every start position of a 120-frame file against its sequential decode: MPEG-2 in a program stream
+    once returned frames 1-12 too late after a seek."""
+    folder = tmp_path / "v"
+    folder.mkdir()
+    write_indexed(folder / f"idx{ext}", fmt, codec)
+    ds = VideoFolder(str(folder), image_size=64, num_frames=4)
+    path, info = ds.files[0]
+    assert info["frames"] == 120
+    for start in range(info["frames"] - ds.need + 1):
+        got = [frame_index(f) for f in ds._decode(path, info, start)]
+        assert got == list(range(start, start + 4)), (start, got)

@@ -86,9 +86,9 @@ def test_stage_latents_writes_what_the_stages_encode_and_they_read_it(tiny_run, 
     capsys.readouterr()
     assert train.main(["--stage", "1", "--steps", "2", *args]) == 0
     assert "reading the latent cache" in capsys.readouterr().out
-    assert train.main(["--stage", "latents", "--cache-clips", "12", "--num-frames", "4", *args]) == 2
+    assert train.main(["--stage", "latents", "--cache-clips", "12", "--num-frames", "4", "--override", *args]) == 2
     assert "num_frames differs" in capsys.readouterr().err
-    assert train.main(["--stage", "2", "--steps", "1", "--num-frames", "4", *args]) == 0   # not this run's: ignored
+    assert train.main(["--stage", "2", "--steps", "1", "--num-frames", "4", "--override", *args]) == 0   # ignored
     assert "encoded for another num_frames" in capsys.readouterr().out
 
 

@@ -90,8 +90,11 @@ def test_errors_are_one_line(tmp_path, capsys, fast_args):
     assert train.main(["--stage", "ae", "--steps", "2", "--out", out, *fast_args]) == 0
     capsys.readouterr()
     # resuming with another architecture is refused with the field named
-    assert train.main(["--stage", "ae", "--steps", "3", "--out", out, "--resume", "--ae-channels", "8,8", *fast_args]) == 2
-    assert "ae_channels" in capsys.readouterr().err
+    args = ["--stage", "ae", "--steps", "3", "--out", out, "--resume", "--ae-channels", "8,8", *fast_args]
+    assert train.main(args) == 2
+    assert "--ae-channels (16, 32, 64)" in capsys.readouterr().err             # the run folder's, first
+    assert train.main([*args, "--override"]) == 2
+    assert "ae_channels" in capsys.readouterr().err                            # then the checkpoint's
     with pytest.raises(train.UserError, match="run `python train.py --stage ae`"):
         sample.load_checkpoint(os.path.join(out, "nothing.pt"), "ae", "python train.py --stage ae")
 
@@ -354,3 +357,25 @@ def test_every_flag_has_a_help_line_and_shows_its_default(capsys):
     for group in ("data:", "autoencoder", "teacher", "Stage 1", "Stage 2", "the loop"):
         assert group in out
     assert "--stage1-top FLOAT" in out and "(default: 0.5)" in out
+
+
+def test_a_run_folder_remembers_its_data_and_sizes(tmp_path, capsys, fast_args, micro_args):
+    """--data, sizes and frames are given once: later stages inherit them from run.json; a different value
+    is refused unless --override."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(2):
+        write_video(str(videos / f"{i}.mp4"), SyntheticVideos(32, 8).batch([i])["video"][0], fps=8)
+    out = str(tmp_path / "r")
+    assert train.main(["--stage", "ae", "--steps", "1", "--data", str(videos), "--num-frames", "4", "--out", out,
+                       *fast_args]) == 0
+    assert train.main(["--stage", "teacher", "--steps", "1", "--out", out, *micro_args, *fast_args]) == 0
+    cfg = torch.load(os.path.join(out, "teacher.pt"), weights_only=False)["config"]
+    assert cfg["data"] == str(videos) and cfg["num_frames"] == 4               # inherited, not synthetic
+    capsys.readouterr()
+    assert train.main(["--stage", "1", "--steps", "1", "--num-frames", "8", "--out", out, *micro_args,
+                       *fast_args]) == 2
+    err = capsys.readouterr().err
+    assert "--num-frames 4" in err and "--override" in err and len(err.strip().splitlines()) == 1
+    assert train.main(["--stage", "1", "--steps", "1", "--num-frames", "8", "--override", "--out", out,
+                       *micro_args, *fast_args]) == 0
