@@ -28,14 +28,13 @@ class UserError(Exception):
     """A mistake in the user's input (a missing file, a folder without videos). Printed as one line."""
 
 
-def optional(name):
-    """Import a package that only the real-SVD path needs (diffusers, transformers, safetensors), or a
-    one-line error that says how to install them."""
+def optional(name, what="the real-SVD path", install="pip install -r requirements-svd.txt"):
+    """Import a package that only one path needs (the real SVD: diffusers, transformers, safetensors;
+    plots: matplotlib), or a one-line error that says how to install it."""
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise UserError(f"the real-SVD path needs {name.split('.')[0]}: "
-                        f"pip install -r requirements-svd.txt") from None
+        raise UserError(f"{what} needs {name.split('.')[0]}: {install}") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ network learns, and therefore what the ruler sees), `diagnostics`.
 """
 import argparse
 import glob
+import json
 import math
 import os
 import sys
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from data import SyntheticVideos, UserError, VideoFolder, write_video
+from data import SyntheticVideos, UserError, VideoFolder, optional, write_video
 from sample import TTS_SIGMA, cfg_scale, generate, load_model
 
 
@@ -520,12 +521,40 @@ def sanity(args, features):
     return results
 
 
+def plot_log(run_dir):
+    """`--plot RUN`: each stage's losses and the discriminator's accuracies against the step, from
+    RUN/log.jsonl, one panel per stage -> RUN/log.png. matplotlib is optional."""
+    plt = optional("matplotlib.pyplot", "--plot", "pip install matplotlib")
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: train a stage first")
+    with open(path) as f:
+        recs = [r for r in map(json.loads, f) if "loss" in r and "event" not in r]
+    stages = list(dict.fromkeys((r["stage"], r.get("tag", "")) for r in recs))          # in the run's order
+    fig, axes = plt.subplots(len(stages), 1, figsize=(7, 2.6 * len(stages)), squeeze=False)
+    for ax, (stage, tag) in zip(axes[:, 0], stages):
+        rows = [r for r in recs if (r["stage"], r.get("tag", "")) == (stage, tag)]
+        for k in sorted({k for r in rows for k in r} - {"stage", "tag", "step", "lr", "it_s"}):
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            ax.plot(*zip(*pts), label=k, linestyle=":" if k.startswith("acc_") else "-")
+        ax.set_title(f"stage {stage}" + (f" ({tag})" if tag else ""))
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    out = os.path.join(run_dir, "log.png")
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}: {len(stages)} stage(s), {len(recs)} records")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="FVD-syn (offline) or FVD (I3D) between two sets of videos.")
     p.add_argument("--real", default="synthetic", help="a folder of videos, or 'synthetic' (the test split)")
     p.add_argument("--fake", help="a folder of generated videos")
     p.add_argument("--sanity", action="store_true", help="check the ruler on real and corrupted clips")
     p.add_argument("--run", metavar="DIR", help="evaluate the models of a run folder; writes DIR/report.md")
+    p.add_argument("--plot", metavar="DIR", help="draw a run folder's losses and accuracies to DIR/log.png "
+                   "(needs matplotlib)")
     p.add_argument("--size", type=int, default=32, help="frame size of the sets (default: %(default)s, the tiny preset)")
     p.add_argument("--frames", type=int, default=8, help="frames per video (default: %(default)s, the tiny preset)")
     p.add_argument("--num", type=int, help="videos per set (default 1000; 500 for --run)")
@@ -542,6 +571,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
     try:
+        if args.plot:
+            plot_log(args.plot)
+            return 0
         if args.run:
             write_report(args.run, args.num or 500, args.device, args.feature_steps, args.max_steps, args.tts_sigma,
                          args.sigma_max, args.name, args.models.split(",") if args.models else None)

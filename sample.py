@@ -254,6 +254,7 @@ def load_model(path, device="cpu"):
         to_student(D, ckpt["sigma_min"], ckpt["lora"])
         load_trained(D, ckpt["ema"]["student"])
         merge_lora(D)
+    cfg = {**cfg, "micro_median": ckpt.get("micro_median") or {}}       # the training clips' fps, motion
     return D.to(device).eval(), ae.to(device).eval(), cfg, ckpt["stage"]
 
 
@@ -274,9 +275,10 @@ def main(argv=None):
                    "teacher's (SVD-XT: 3.0), 1 for a student (OSV: CFG is distilled in, applying it again "
                    "over-exposes)")
     p.add_argument("--cfg-min", type=float, default=1.0, help="guidance scale on the first frame (SVD's ramp)")
-    p.add_argument("--fps", type=float, help="micro-condition for --image (default: SVD's 7; synthetic: 8, 12, 24)")
-    p.add_argument("--motion", type=float, help="micro-condition for --image (default: SVD's motion bucket 127; "
-                   "synthetic: 1-12, default 5)")
+    p.add_argument("--fps", type=float, help="micro-condition for --image (default: the median of the model's "
+                   "training clips; the published SVD: 7)")
+    p.add_argument("--motion", type=float, help="micro-condition for --image (default: the median of the model's "
+                   "training clips; the published SVD: motion bucket 127)")
     p.add_argument("--cond-aug", type=float, default=0.02, help="SVD's default noise augmentation")
     p.add_argument("--size", type=parse_size, help="HxW of the video (default: the model's; SVD: 576x1024)")
     p.add_argument("--frames", type=int, help="frames of the video (default: the model's; SVD 14, SVD-XT 25)")
@@ -308,8 +310,10 @@ def main(argv=None):
         size, T = a.size or frame_size(cfg.get("size"), cfg["image_size"]), a.frames or cfg["num_frames"]
         if a.image:
             frame = load_image(a.image, size)[None]
-            fps = torch.tensor([a.fps if a.fps is not None else svd.FPS if real_svd else 12.0])
-            motion = torch.tensor([a.motion if a.motion is not None else svd.MOTION_BUCKET if real_svd else 5.0])
+            seen = cfg.get("micro_median") or {}          # a trained model: its training clips' medians
+            fps = torch.tensor([a.fps if a.fps is not None else seen.get("fps", svd.FPS if real_svd else 12.0)])
+            motion = torch.tensor([a.motion if a.motion is not None else
+                                   seen.get("motion", svd.MOTION_BUCKET if real_svd else 5.0)])
         elif real_svd:
             raise UserError("the published SVD samples from an --image")
         else:

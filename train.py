@@ -150,7 +150,8 @@ def setup_teacher(cfg, run):
     sample, finish = stage_checks(label, parts["ema"]["denoiser"], ae, run, cfg, cfg.sample_steps,
                                   cfg_scale(cfg.cfg_min, cfg.cfg_max, cfg.num_frames), "euler")
     return Stage(parts["models"], parts["opts"], parts["step"], parts["ema"], sample, finish,
-                 extra={**parts["extra"], "ae_config": ae_config, "ae_state": ae.state_dict()})
+                 extra={**parts["extra"], "ae_config": ae_config, "ae_state": ae.state_dict(),
+                        "micro_median": run.micro_median()})
 
 
 def student_stage(name, parts, ae, ae_config, ucfg, run, cfg, **extra):
@@ -161,6 +162,7 @@ def student_stage(name, parts, ae, ae_config, ucfg, run, cfg, **extra):
     own_ae = {} if cfg.svd else {"ae_state": ae.state_dict()}          # SVD's encoders stay in its folder
     return Stage(parts["models"], parts["opts"], parts["step"], parts["ema"], sample, finish, cosine=False,
                  extra={"unet_config": ucfg, "ae_config": ae_config, **own_ae, "sigma_min": cfg.sigma_min,
+                        "micro_median": run.micro_median(),                 # sample.py's default fps, motion
                         "base": cfg.svd or "teacher.pt",                # the frozen weights the adapters sit on
                         **parts["extra"], **extra})
 
@@ -255,6 +257,12 @@ class Run:
             b = self.eval_set.batch(range(first, first + n))
             self._eval = {k: b[k].to(self.device) for k in ("video", "fps", "motion")}
         return {k: v[:n] for k, v in self._eval.items()}
+
+    def micro_median(self):
+        """The medians of fps and motion over (up to) 64 evaluation clips: sample.py's defaults for a
+        model of this run, so an --image is conditioned like the clips the model saw."""
+        b = self.eval_batch(min(64, self.cfg.eval_clips))
+        return {k: float(b[k].float().median()) for k in ("fps", "motion")}
 
     def log(self, record):
         record = {**record, "tag": self.tag} if self.tag else record

@@ -236,6 +236,7 @@ def test_stage2_holds_one_copy_of_the_base(tiny_run, tmp_path, fast_args, micro_
     cfg = train.make_config(train.parse(["--stage", "2", "--out", out, *micro_args, *fast_args]), ["2"])
     run = train.Run(cfg, out)
     batch = run.dataset.batch(range(2))
+    run.eval_batch(min(64, cfg.eval_clips))                     # clips the checks read: data, not weights
     before = live_storages()
     spec = train.setup_stage2(cfg, run)
     params = {k: [p for g in o.param_groups for p in g["params"]] for k, o in spec.opts.items()}

@@ -1,7 +1,9 @@
 """evaluate.py: the Fréchet distance against closed forms, the ruler's ordering, I3D, diagnostics, CLI."""
+import importlib.util
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -167,3 +169,15 @@ def test_too_few_videos_and_resizes_are_said(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resized and centre-cropped to 32x32" in out and re.search(r"the files are \d+x\d+x12", out)
     assert "2 videos for 400 features" in out
+
+
+def test_plot_draws_the_log_or_says_how_to_get_matplotlib(tiny_run, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    shutil.copytree(tiny_run, out)
+    if importlib.util.find_spec("matplotlib") is None:   # optional: the one-line message names the install
+        assert evaluate.main(["--plot", out]) == 2
+        err = capsys.readouterr().err
+        assert "pip install matplotlib" in err and len(err.strip().splitlines()) == 1
+        return
+    assert evaluate.main(["--plot", out]) == 0
+    assert os.path.getsize(os.path.join(out, "log.png")) > 1000 and "2 stage(s)" in capsys.readouterr().out

@@ -168,3 +168,12 @@ def test_time_travel_sampler_exact_arithmetic():
     assert torch.allclose(out, torch.tanh(x_s / 1.5) + 0.05 * x_s, rtol=0, atol=1e-12)
     other, _ = sample_tts(f, x, T, s, torch.Generator().manual_seed(6))
     assert (other - out).abs().max() > 1e-3                       # the fresh noise enters the result
+
+
+def test_a_models_defaults_for_an_image_are_its_training_clips_medians(tiny_run):
+    """sample.py conditions an --image on the fps and motion the model trained on, not on constants."""
+    from data import SyntheticVideos
+    ck = torch.load(os.path.join(tiny_run, "teacher.pt"), weights_only=False)
+    b = SyntheticVideos(32, 8, "test").batch(range(8))                      # the run's --eval-clips 8
+    assert ck["micro_median"] == {k: float(b[k].float().median()) for k in ("fps", "motion")}
+    assert sample.load_model(os.path.join(tiny_run, "teacher.pt"))[2]["micro_median"] == ck["micro_median"]
