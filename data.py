@@ -16,6 +16,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
 
@@ -35,6 +36,14 @@ def optional(name, what="the real-SVD path", install="pip install -r requirement
         return importlib.import_module(name)
     except ImportError:
         raise UserError(f"{what} needs {name.split('.')[0]}: {install}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (its default prints the whole usage first)."""
+
+    def error(self, message):
+        print(f"error: {message} (`{self.prog} --help` lists the flags)", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------

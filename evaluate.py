@@ -15,7 +15,6 @@ network learns, and therefore what the ruler sees), `diagnostics`.
     python evaluate.py --real videos/ --fake samples/ --i3d i3d_torchscript.pt
     python evaluate.py --run runs/default                       # the replication report of a run folder
 """
-import argparse
 import glob
 import json
 import math
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from data import SyntheticVideos, UserError, VideoFolder, optional, write_video
+from data import Parser, SyntheticVideos, UserError, VideoFolder, optional, write_video
 from sample import TTS_SIGMA, cfg_scale, generate, load_model
 
 
@@ -548,7 +547,7 @@ def plot_log(run_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FVD-syn (offline) or FVD (I3D) between two sets of videos.")
+    p = Parser(description="FVD-syn (offline) or FVD (I3D) between two sets of videos.")
     p.add_argument("--real", default="synthetic", help="a folder of videos, or 'synthetic' (the test split)")
     p.add_argument("--fake", help="a folder of generated videos")
     p.add_argument("--sanity", action="store_true", help="check the ruler on real and corrupted clips")
@@ -571,6 +570,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
     try:
+        for flag, v, low in (("--size", args.size, 1), ("--frames", args.frames, 1), ("--num", args.num, 2),
+                             ("--feature-steps", args.feature_steps, 3), ("--max-steps", args.max_steps, 0),
+                             ("--tts-sigma", args.tts_sigma, 1e-6), ("--sigma-max", args.sigma_max, 1e-6)):
+            if v is not None and not (math.isfinite(v) and v >= low):
+                raise UserError(f"{flag} {v}: must be a finite number >= {low:g}")
         if args.plot:
             plot_log(args.plot)
             return 0

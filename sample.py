@@ -14,7 +14,6 @@ Read first: `sample_heun` (EDM Algorithm 2, line by line), `guided` (SVD's per-f
     python sample.py --ckpt runs/default/teacher.pt --image frame.png --num 4 --out grid.gif
     python sample.py --ckpt runs/default/stage2.pt --image frame.png --steps 1 --tts --out video.mp4
 """
-import argparse
 import math
 import os
 import shlex
@@ -25,7 +24,7 @@ import torch
 
 import svd
 from autoencoder import AEConfig, AutoEncoder
-from data import SyntheticVideos, UserError, frame_size, load_image, parse_size, write_video
+from data import Parser, SyntheticVideos, UserError, frame_size, load_image, parse_size, write_video
 from lora import load_trained, merge_lora, to_student
 from unet import Denoiser, UNetConfig
 
@@ -259,7 +258,7 @@ def load_model(path, device="cpu"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Image -> video with a trained model, or with the published SVD.")
+    p = Parser(description="Image -> video with a trained model, or with the published SVD.")
     p.add_argument("--ckpt", default="runs/default/teacher.pt", help="a teacher, stage 1 or stage 2 checkpoint")
     p.add_argument("--svd", metavar="PATH", help="sample the published SVD / SVD-XT (a diffusers pipeline folder) "
                    "instead of a checkpoint")

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -49,7 +50,8 @@ import svd
 import unet
 from autoencoder import AEConfig, AutoEncoder, ae_loss, measure_scale_factor, psnr
 from config import PREFIX, PRESETS, RUN_FIELDS, STAGES, Config, check, flag_help
-from data import FixedMotion, StepBatches, SyntheticVideos, UserError, VideoFolder, frame_size, write_video
+from data import (FixedMotion, Parser, StepBatches, SyntheticVideos, UserError, VideoFolder, frame_size,
+                  write_video)
 from evaluate import stage_checks, write_report
 from sample import cfg_scale, load_ae, load_checkpoint, load_teacher
 
@@ -193,6 +195,9 @@ SETUP = {"ae": setup_ae, "teacher": setup_teacher, "1": setup_stage1, "2": setup
 # ----------------------------------------------------------------------------------------------
 # The run: device, precision, distributed context, data, run folder
 
+MIN_FREE = 512 * 2 ** 20                 # bytes a run folder must have free at start-up
+
+
 class Run:
     """What every stage shares: device, precision, distributed context, data, run folder."""
 
@@ -223,6 +228,10 @@ class Run:
         self.scaler_enabled = dtype == "float16"
         try:                      # a read-only or missing-permission folder fails here, not at the first log
             os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+            free = shutil.disk_usage(out).free
+            if free < MIN_FREE:
+                raise UserError(f"the run folder {out} has {free / 2 ** 20:.0f} MiB free; a stage's checkpoints "
+                                f"need at least {MIN_FREE / 2 ** 20:.0f} MiB")
             if self.master:
                 self.lock()
         except OSError as e:
@@ -564,14 +573,6 @@ def check_replicas(models):
 
 # ----------------------------------------------------------------------------------------------
 # CLI
-
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line (its default prints the whole usage first)."""
-
-    def error(self, message):
-        print(f"error: {message} (`{self.prog} --help` lists the flags)", file=sys.stderr)
-        sys.exit(2)
-
 
 def make_parser():
     p = Parser(description="Train a stage of OSV (see README.md). Every flag below the first group is a field "

@@ -262,7 +262,8 @@ def frame_index(frame):
 
 
 @pytest.mark.parametrize("fmt, codec, ext", [("mpeg", "mpeg2video", ".mpg"), ("mp4", "h264", ".mp4"),
-                                             ("avi", "mjpeg", ".avi"), ("gif", "gif", ".gif")])
+                                             ("webm", "libvpx-vp9", ".webm"), ("avi", "mjpeg", ".avi"),
+                                             ("gif", "gif", ".gif")])
 def test_every_clip_start_gives_the_exact_frames(tmp_path, fmt, codec, ext):
     """Every start position of a 120-frame file against its sequential decode: MPEG-2 in a program stream
     once returned frames 1-12 too late after a seek."""

@@ -306,6 +306,13 @@ def test_one_command_per_run_folder(tmp_path, capsys, fast_args):
         assert train.main(["--stage", "ae", "--out", out, "--resume", "--steps", "1", *fast_args]) == 0
 
 
+def test_a_full_run_folder_is_refused_at_start(tmp_path, monkeypatch, capsys, fast_args):
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12, 10 ** 6))
+    assert train.main(["--stage", "ae", "--out", str(tmp_path / "r"), *fast_args]) == 2
+    err = capsys.readouterr().err
+    assert "1 MiB free" in err and len(err.strip().splitlines()) == 1
+
+
 def test_an_unwritable_run_folder_is_refused_at_start(tmp_path, monkeypatch, capsys, fast_args):
     def denied(*a, **k):                                                   # root ignores chmod: simulate it
         raise PermissionError(13, "Permission denied")
@@ -379,3 +386,23 @@ def test_a_run_folder_remembers_its_data_and_sizes(tmp_path, capsys, fast_args, 
     assert "--num-frames 4" in err and "--override" in err and len(err.strip().splitlines()) == 1
     assert train.main(["--stage", "1", "--steps", "1", "--num-frames", "8", "--override", "--out", out,
                        *micro_args, *fast_args]) == 0
+
+
+def exit_code(main, argv):
+    try:
+        return main(argv)
+    except SystemExit as e:                      # argparse's own errors (now one line) exit here
+        return e.code
+
+
+@pytest.mark.parametrize("command, flags", [
+    (sample.main, ["--steps", "--index", "--tts-sigma", "--cfg", "--cfg-min", "--fps", "--motion", "--cond-aug",
+                   "--frames", "--num", "--seed"]),
+    (evaluate.main, ["--size", "--frames", "--num", "--feature-steps", "--max-steps", "--tts-sigma", "--sigma-max"])])
+def test_sample_and_evaluate_refuse_impossible_values_in_one_line(command, flags, tmp_path, capsys):
+    for flag in flags:
+        for v in ("-1", "nan", "inf", "abc"):
+            argv = [flag, v, "--out", str(tmp_path / ("v.gif" if command is sample.main else "r"))]
+            assert exit_code(command, argv) == 2, (flag, v)
+            err = capsys.readouterr().err
+            assert err.startswith("error:") and len(err.strip().splitlines()) == 1, (flag, v, err)
