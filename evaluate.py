@@ -297,36 +297,6 @@ def diagnostics(fake, real, cond=None):
     return d
 
 
-def stage_checks(label, ema, ae, run, cfg, steps, scale, sampler):
-    """sample(path) and finish() of a video model's training stage (train.py), with its EMA weights:
-    held-out clips above the model's videos from their first frames (as the report samples them); the
-    diagnostics on up to 64 of them. run: train.py's Run (eval_batch, device, eval_name, master)."""
-    def videos(n, chunk=16, progress=False):
-        b = run.eval_batch(n)
-        cond = ae.condition(b["video"][:, 0], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
-        fake = []
-        with ema.swapped() as D:                    # chunks of 16 clips, each its own seed: a progress bar
-            for i in tqdm(range(0, n, chunk), desc=f"{label}: check", disable=not (progress and run.master),
-                          dynamic_ncols=True):
-                z, _ = generate(D, {k: v[i:i + chunk] for k, v in cond.items()}, cfg.num_frames, steps, scale,
-                                sampler, cfg.sigma_min, cfg.sigma_max, seed=cfg.seed + i, grid_size=cfg.grid_size)
-                fake.append(ae.decode_video(z).clamp(-1, 1))
-        return b["video"], torch.cat(fake)
-
-    def sample(path):
-        write_video(path, torch.cat(videos(4)), fps=8, ncol=4)          # top: real; bottom: generated
-
-    def finish():
-        n = min(64, cfg.eval_clips)
-        real, fake = videos(n, progress=True)
-        d = diagnostics(fake, real, real[:, 0])
-        if run.master:
-            print(f"{label} on {n} {run.eval_name}: first-frame PSNR {d['first_frame_psnr']:.2f} dB, static-video "
-                  f"rate {d['static_rate']:.3f}, motion relative to real {d['motion_ratio']:.3f}")
-        return {"diagnostics": d}
-    return sample, finish
-
-
 # ----------------------------------------------------------------------------------------------
 # Corruptions that a video metric must notice (used by --sanity and the tests)
 

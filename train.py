@@ -8,9 +8,10 @@
 
 The paper's "implementation details" live here: Adam, mixed precision (bf16 autocast on CUDA by
 default; fp16 with a GradScaler; fp32 on CPU), gradient accumulation, an EMA of the weights, gradient
-clipping, DDP, logging and checkpoints (config.py holds every hyperparameter). A stage hands the loop
-its networks, optimisers and a `step` function (`Stage`; the student stages build theirs in gan.py and
-distill.py); the loop owns everything else.
+clipping, DDP, logging and checkpoints (config.py holds every hyperparameter; run.py the run folder:
+device, data, lock, log). Ctrl-C or SIGTERM stops after the current step with a checkpoint. A stage
+hands the loop its networks, optimisers and a `step` function (`Stage`; the student stages build theirs
+in gan.py and distill.py); the loop owns everything else.
 
 Read first: `train_stage`. Two design decisions make runs resumable on the same trajectory:
 - data is a pure function of (step, rank): step s reads clips s*B .. s*B+B-1 of the dataset, split
@@ -26,13 +27,12 @@ import json
 import math
 import os
 import shlex
-import shutil
 import signal
 import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,9 +50,9 @@ import svd
 import unet
 from autoencoder import AEConfig, AutoEncoder, ae_loss, measure_scale_factor, psnr
 from config import PREFIX, PRESETS, RUN_FIELDS, STAGES, Config, check, flag_help
-from data import (FixedMotion, Parser, StepBatches, SyntheticVideos, UserError, VideoFolder, frame_size,
-                  write_video)
-from evaluate import stage_checks, write_report
+from data import Parser, StepBatches, UserError, write_video
+from evaluate import write_report
+from run import RUN_DEFINING, Run, inherit, save_atomic, stage_checks
 from sample import cfg_scale, load_ae, load_checkpoint, load_teacher
 
 
@@ -192,135 +192,6 @@ def setup_stage2(cfg, run):
 SETUP = {"ae": setup_ae, "teacher": setup_teacher, "1": setup_stage1, "2": setup_stage2}
 
 
-# ----------------------------------------------------------------------------------------------
-# The run: device, precision, distributed context, data, run folder
-
-MIN_FREE = 512 * 2 ** 20                 # bytes a run folder must have free at start-up
-
-
-class Run:
-    """What every stage shares: device, precision, distributed context, data, run folder."""
-
-    def __init__(self, cfg, out, tag=""):
-        self.cfg, self.out, self.tag = cfg, out, tag
-        self.ddp = "RANK" in os.environ
-        cuda = torch.cuda.is_available() and cfg.device != "cpu"
-        if self.ddp:
-            dist.init_process_group("nccl" if cuda else "gloo")
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
-            if cuda:
-                torch.cuda.set_device(self.device)
-            else:   # share the cores instead of oversubscribing them
-                torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["LOCAL_WORLD_SIZE"])))
-        else:
-            self.rank, self.world = 0, 1
-            self.device = torch.device(cfg.device or ("cuda" if cuda else "cpu"))
-        self.master = self.rank == 0
-        dtype = cfg.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"--dtype must be float32, bfloat16 or float16, not {dtype}")
-        # mixed precision in three lines: autocast for the forward, a GradScaler only for fp16
-        self.ptdtype = getattr(torch, dtype)
-        self.autocast = (nullcontext() if dtype == "float32"
-                         else torch.autocast(self.device.type, dtype=self.ptdtype))
-        self.scaler_enabled = dtype == "float16"
-        try:                      # a read-only or missing-permission folder fails here, not at the first log
-            os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-            free = shutil.disk_usage(out).free
-            if free < MIN_FREE:
-                raise UserError(f"the run folder {out} has {free / 2 ** 20:.0f} MiB free; a stage's checkpoints "
-                                f"need at least {MIN_FREE / 2 ** 20:.0f} MiB")
-            if self.master:
-                self.lock()
-        except OSError as e:
-            raise UserError(f"cannot write to the run folder {out}: {e.strerror or e}") from None
-        try:
-            self.open_data(cfg, out)
-        except BaseException:               # the lock goes with the failed start
-            self.close()
-            raise
-        self._eval = None
-
-    def open_data(self, cfg, out):
-        """The training and evaluation clips: a folder of videos, or the synthetic train and test splits."""
-        hw = frame_size(cfg.size, cfg.image_size)                                    # (H, W)
-        if cfg.data:
-            self.dataset = VideoFolder(cfg.data, hw, cfg.num_frames, cfg.frame_stride,
-                                       cache=os.path.join(out, "data_index.json") if self.master else None)
-            self.eval_set, self.eval_name = self.dataset, f"clips of {cfg.data} (not held out)"
-        else:
-            self.dataset = SyntheticVideos(hw, cfg.num_frames, "train", self.device)
-            self.eval_set = SyntheticVideos(hw, cfg.num_frames, "test", self.device)
-            self.eval_name = "held-out synthetic clips"
-        if cfg.svd:         # our motion scores are not on the scale of SVD's motion bucket
-            same = self.eval_set is self.dataset
-            self.dataset = FixedMotion(self.dataset, cfg.motion_bucket)
-            self.eval_set = self.dataset if same else FixedMotion(self.eval_set, cfg.motion_bucket)
-
-    def eval_batch(self, n):
-        """The first n clips of the evaluation set (the synthetic test split): video, fps, motion."""
-        if self._eval is None or len(self._eval["video"]) < n:
-            first = 10 ** 9 if self.eval_set is self.dataset else 0   # folder: clip indices no step reads
-            b = self.eval_set.batch(range(first, first + n))
-            self._eval = {k: b[k].to(self.device) for k in ("video", "fps", "motion")}
-        return {k: v[:n] for k, v in self._eval.items()}
-
-    def micro_median(self):
-        """The medians of fps and motion over (up to) 64 evaluation clips: sample.py's defaults for a
-        model of this run, so an --image is conditioned like the clips the model saw."""
-        b = self.eval_batch(min(64, self.cfg.eval_clips))
-        return {k: float(b[k].float().median()) for k in ("fps", "motion")}
-
-    def log(self, record):
-        record = {**record, "tag": self.tag} if self.tag else record
-        if self.master:
-            with open(os.path.join(self.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def forget_log(self, stage, step):
-        """On resume: drop this stage's (and tag's) records after `step`; those steps are logged again."""
-        path = os.path.join(self.out, "log.jsonl")
-        if not self.master or not os.path.isfile(path):
-            return
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        keep = [r for r in records if not (r.get("stage") == stage and r.get("tag", "") == self.tag
-                                           and r.get("step", 0) > step)]
-        save_atomic("".join(json.dumps(r) + "\n" for r in keep), path, text=True)
-
-    def lock(self):
-        """One command per run folder: `.lock` holds the PID of the process that uses it. A live holder
-        is a one-line error; a lock whose process is gone is taken over with a warning."""
-        path = os.path.join(self.out, ".lock")
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            with open(path) as f:
-                pid = int(f.read().strip() or 0)
-            try:
-                os.kill(pid, 0)                                   # signal 0: is it alive?
-                alive = pid > 0
-            except ProcessLookupError:
-                alive = False
-            except PermissionError:                               # alive, another user's
-                alive = True
-            if alive:
-                raise UserError(f"{self.out} is in use by process {pid}: one command per run folder "
-                                f"(wait for it, or stop it)") from None
-            warnings.warn(f"{self.out}: taking over the lock of process {pid}, which is gone")
-            os.remove(path)
-            return self.lock()
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        self.locked = path
-
-    def close(self):
-        if getattr(self, "locked", None) and os.path.isfile(self.locked):
-            os.remove(self.locked)
-
-
 def ckpt_path(run, name, tag=None):
     """ae.pt, teacher.pt, stage1.pt, stage2.pt in the run folder. A --tag names the student stages'
     files of an ablation (stage1_<tag>.pt, stage2_<tag>.pt) beside the main run's, which share its
@@ -334,16 +205,6 @@ def ckpt_path(run, name, tag=None):
 
 def step_seed(*xs):
     return int(np.random.SeedSequence(list(xs)).generate_state(1)[0])
-
-
-def save_atomic(obj, path, text=False):
-    tmp = f"{path}.{os.getpid()}.tmp"                 # unique: never another process's half-written file
-    if text:
-        with open(tmp, "w") as f:
-            f.write(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)            # a crash mid-write never leaves a half-written checkpoint
 
 
 def open_checkpoint(path, cfg, mode, steps):
@@ -616,29 +477,6 @@ def parse(argv):
     if not args.stage and not args.bench:
         p.error("--stage is required")
     return args
-
-
-# what a run folder is made from: its first command stores these in run.json, later commands inherit them
-RUN_DEFINING = ("preset", "data", "image_size", "size", "num_frames", "frame_stride", "svd", "ae_channels",
-                "ae_latent_channels")
-
-
-def inherit(args):
-    """Fill the flags a run folder was made with (run.json) that this command does not give; a given
-    value that differs is a one-line error unless --override says it is meant."""
-    path = os.path.join(args.out, "run.json")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        stored = json.load(f)
-    for k, v in stored.items():
-        v, given = tuple(v) if isinstance(v, list) else v, getattr(args, k, None)
-        if given is None:
-            setattr(args, k, v)
-        elif given != v and not args.override:
-            flag = "--" + k.replace("_", "-")
-            raise UserError(f"{args.out} was made with {flag} {v!r}, this command gives {given!r}: leave the "
-                            f"flag out to keep the run's, or add --override to mean it")
 
 
 def make_config(args, stages):

@@ -307,7 +307,7 @@ def test_one_command_per_run_folder(tmp_path, capsys, fast_args):
 
 
 def test_a_full_run_folder_is_refused_at_start(tmp_path, monkeypatch, capsys, fast_args):
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12, 10 ** 6))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12, 10 ** 6))
     assert train.main(["--stage", "ae", "--out", str(tmp_path / "r"), *fast_args]) == 2
     err = capsys.readouterr().err
     assert "1 MiB free" in err and len(err.strip().splitlines()) == 1
