@@ -199,7 +199,7 @@ def train_feature_net(source, image_size, num_frames, path, steps=1500, batch_si
     ref = data.batch(range(10 ** 9, 10 ** 9 + 2000))["video"][:, :num_frames]   # clips no step read
     net.standardise(ref.to(device))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"                      # unique: two commands never share it
     torch.save({"source": source, "image_size": image_size, "num_frames": num_frames, "steps": steps,
                 "model": net.state_dict()}, tmp)
     os.replace(tmp, path)

@@ -67,7 +67,7 @@ def read_meta(folder):
 
 
 def _write_meta(folder, meta):
-    tmp = os.path.join(folder, "meta.json.tmp")
+    tmp = os.path.join(folder, f"meta.json.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(tmp, os.path.join(folder, "meta.json"))
@@ -104,8 +104,8 @@ def write_cache(folder, key, clips, batches, fresh=False):
             keep = min(SHARD, clips - len(meta["shards"]) * SHARD)                        # the last may be short
             shard = {k: torch.cat([p[k] for p in parts])[:keep].cpu() for k in parts[0]}     # (keep, ...)
             name = f"shard_{len(meta['shards']):05d}.pt"
-            torch.save(shard, os.path.join(folder, name + ".tmp"))
-            os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+            torch.save(shard, os.path.join(folder, name + f".{os.getpid()}.tmp"))
+            os.replace(os.path.join(folder, name + f".{os.getpid()}.tmp"), os.path.join(folder, name))
             meta["shards"].append([name, os.path.getsize(os.path.join(folder, name))])
             _write_meta(folder, meta)                   # after the shard: an interruption loses no finished one
             parts = []
