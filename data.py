@@ -38,6 +38,14 @@ def optional(name, what="the real-SVD path", install="pip install -r requirement
         raise UserError(f"{what} needs {name.split('.')[0]}: {install}") from None
 
 
+def check_numbers(*checks):
+    """(flag, value, lowest) triples of a command line: a one-line error for a value that is not a finite
+    number >= lowest (None: not given)."""
+    for flag, v, low in checks:
+        if v is not None and not (math.isfinite(v) and v >= low):
+            raise UserError(f"{flag} {v}: must be a finite number >= {low:g}")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (its default prints the whole usage first)."""
 

@@ -11,8 +11,7 @@ Read first: `frechet_distance` (the formula), `FeatureNet` and `make_labels` (wh
 network learns, and therefore what the ruler sees), `diagnostics`.
 
     python evaluate.py --sanity                                 # the ruler checked against corruptions
-    python evaluate.py --real synthetic --fake samples/         # a folder of videos vs the test split
-    python evaluate.py --real videos/ --fake samples/ --i3d i3d_torchscript.pt
+    python evaluate.py --real videos/ --fake samples/ [--i3d i3d_torchscript.pt]     # or --real synthetic
     python evaluate.py --run runs/default                       # the replication report of a run folder
 """
 import glob
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from data import Parser, SyntheticVideos, UserError, VideoFolder, optional, write_video
+from data import Parser, SyntheticVideos, UserError, VideoFolder, check_numbers, optional, write_video
 from sample import TTS_SIGMA, cfg_scale, generate, load_model
 
 
@@ -221,13 +220,15 @@ def load_feature_net(path, source, image_size, num_frames, device="cpu", **train
 
 
 class I3D:
-    """FVD's feature network: the I3D TorchScript file used by StyleGAN-V and most FVD code
-    (`i3d_torchscript.pt`). Protocol: each video's T frames (16 is the convention; I3D needs at
-    least 9), short side resized to 224 with bilinear interpolation and centre-cropped to 224x224,
-    values in [-1, 1], shape (B, 3, T, 224, 224); the network is called with rescale=False,
-    resize=False, return_features=True and returns 400-d features (the logits before the softmax)."""
+    """FVD's feature network, the I3D TorchScript file of StyleGAN-V and most FVD code: 400-d features
+    of each video's T frames (16 by convention, at least 9). "stylegan-v": StyleGAN-V's `compute_fvd`,
+    as FVDs published with its code: uint8 values, the network's own rescale and 224x224 resize (the
+    aspect is lost). "crop" (ours): the short side to exactly 224, centre crop, values in [-1, 1]."""
 
-    def __init__(self, path, device="cpu"):
+    def __init__(self, path, device="cpu", protocol="crop"):
+        if protocol not in ("crop", "stylegan-v"):
+            raise UserError(f"--i3d-protocol must be crop or stylegan-v, not {protocol!r}")
+        self.protocol = protocol
         if not os.path.isfile(path):
             raise UserError(f"--i3d {path}: file not found (it is not downloadable from here; see README)")
         self.device = torch.device(device)
@@ -242,10 +243,15 @@ class I3D:
     def __call__(self, video):
         B, T = video.shape[:2]
         x = rearrange(video, "b t c h w -> (b t) c h w")
-        s = 224 / min(x.shape[-2:])
-        x = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else x
-        h, w = x.shape[-2:]
-        x = x[..., (h - 224) // 2:(h - 224) // 2 + 224, (w - 224) // 2:(w - 224) // 2 + 224]
+        if self.protocol == "stylegan-v":                                  # uint8 values; the net resizes
+            x = ((x + 1) * 127.5).round().clamp(0, 255)
+            x = rearrange(x, "(b t) c h w -> b c t h w", b=B)
+            return self.net(x, rescale=True, resize=True, return_features=True)
+        h, w = x.shape[-2:]                  # an explicit size: a scale factor could round to 223
+        size = (224, max(224, round(w * 224 / h))) if h <= w else (max(224, round(h * 224 / w)), 224)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if size != (h, w) else x
+        top, left = (size[0] - 224) // 2, (size[1] - 224) // 2
+        x = x[..., top:top + 224, left:left + 224]
         x = rearrange(x, "(b t) c h w -> b c t h w", b=B)                   # (B, 3, T, 224, 224)
         return self.net(x, rescale=False, resize=False, return_features=True)
 
@@ -491,26 +497,21 @@ def sanity(args, features):
 
 
 def plot_log(run_dir):
-    """`--plot RUN`: each stage's losses and the discriminator's accuracies against the step, from
-    RUN/log.jsonl, one panel per stage -> RUN/log.png. matplotlib is optional."""
+    """`--plot RUN`: each stage's losses and accuracies against the step, RUN/log.jsonl -> RUN/log.png."""
     plt = optional("matplotlib.pyplot", "--plot", "pip install matplotlib")
-    path = os.path.join(run_dir, "log.jsonl")
+    path, out = os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "log.png")
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: train a stage first")
-    with open(path) as f:
-        recs = [r for r in map(json.loads, f) if "loss" in r and "event" not in r]
+    recs = [r for r in map(json.loads, open(path)) if "loss" in r and "event" not in r]
     stages = list(dict.fromkeys((r["stage"], r.get("tag", "")) for r in recs))          # in the run's order
     fig, axes = plt.subplots(len(stages), 1, figsize=(7, 2.6 * len(stages)), squeeze=False)
     for ax, (stage, tag) in zip(axes[:, 0], stages):
         rows = [r for r in recs if (r["stage"], r.get("tag", "")) == (stage, tag)]
         for k in sorted({k for r in rows for k in r} - {"stage", "tag", "step", "lr", "it_s"}):
-            pts = [(r["step"], r[k]) for r in rows if k in r]
-            ax.plot(*zip(*pts), label=k, linestyle=":" if k.startswith("acc_") else "-")
-        ax.set_title(f"stage {stage}" + (f" ({tag})" if tag else ""))
-        ax.set_xlabel("step")
+            ax.plot(*zip(*[(r["step"], r[k]) for r in rows if k in r]), label=k, ls=":" if "acc" in k else "-")
+        ax.set(title=f"stage {stage}" + (f" ({tag})" if tag else ""), xlabel="step")
         ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
-    out = os.path.join(run_dir, "log.png")
     fig.savefig(out, dpi=100)
     print(f"wrote {out}: {len(stages)} stage(s), {len(recs)} records")
     return out
@@ -528,6 +529,8 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=8, help="frames per video (default: %(default)s, the tiny preset)")
     p.add_argument("--num", type=int, help="videos per set (default 1000; 500 for --run)")
     p.add_argument("--i3d", metavar="FILE", help="use I3D (FVD) instead of the offline network (FVD-syn)")
+    p.add_argument("--i3d-protocol", default="crop", choices=["crop", "stylegan-v"], help="I3D's input: see "
+                   "evaluate.I3D (default: %(default)s; stylegan-v matches FVDs published with its code)")
     p.add_argument("--out", default="runs/default", help="run folder that caches the feature network")
     p.add_argument("--feature-steps", type=int, default=1500, help="training steps of the feature network")
     p.add_argument("--max-steps", type=int, default=0, help="--run: only rows of at most this many steps")
@@ -540,14 +543,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     warnings.formatwarning = lambda msg, category, *a, **k: f"warning: {msg}\n"
     try:
-        for flag, v, low in (("--size", args.size, 1), ("--frames", args.frames, 1), ("--num", args.num, 2),
-                             ("--feature-steps", args.feature_steps, 3), ("--max-steps", args.max_steps, 0),
-                             ("--tts-sigma", args.tts_sigma, 1e-6), ("--sigma-max", args.sigma_max, 1e-6)):
-            if v is not None and not (math.isfinite(v) and v >= low):
-                raise UserError(f"{flag} {v}: must be a finite number >= {low:g}")
+        check_numbers(("--size", args.size, 1), ("--frames", args.frames, 1), ("--num", args.num, 2),
+                      ("--feature-steps", args.feature_steps, 3), ("--max-steps", args.max_steps, 0),
+                      ("--tts-sigma", args.tts_sigma, 1e-6), ("--sigma-max", args.sigma_max, 1e-6))
         if args.plot:
-            plot_log(args.plot)
-            return 0
+            return 0 if plot_log(args.plot) else 1
         if args.run:
             write_report(args.run, args.num or 500, args.device, args.feature_steps, args.max_steps, args.tts_sigma,
                          args.sigma_max, args.name, args.models.split(",") if args.models else None)
@@ -556,7 +556,7 @@ def main(argv=None):
         if not args.sanity and not args.fake:
             raise UserError("give --fake PATH (a folder of generated videos), or --sanity")
         if args.i3d:
-            features, args.metric_name = I3D(args.i3d, args.device), "FVD"
+            features, args.metric_name = I3D(args.i3d, args.device, args.i3d_protocol), "FVD"
         else:
             args.metric_name = "FVD-syn"
             src = "synthetic" if args.sanity else args.real

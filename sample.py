@@ -14,7 +14,6 @@ Read first: `sample_heun` (EDM Algorithm 2, line by line), `guided` (SVD's per-f
     python sample.py --ckpt runs/default/teacher.pt --image frame.png --num 4 --out grid.gif
     python sample.py --ckpt runs/default/stage2.pt --image frame.png --steps 1 --tts --out video.mp4
 """
-import math
 import os
 import shlex
 import sys
@@ -24,7 +23,8 @@ import torch
 
 import svd
 from autoencoder import AEConfig, AutoEncoder
-from data import Parser, SyntheticVideos, UserError, frame_size, load_image, parse_size, write_video
+from data import (Parser, SyntheticVideos, UserError, check_numbers, frame_size, load_image, parse_size,
+                  write_video)
 from lora import load_trained, merge_lora, to_student
 from unet import Denoiser, UNetConfig
 
@@ -288,12 +288,10 @@ def main(argv=None):
                    help="default: cuda if available")
     a = p.parse_args(argv)
     try:
-        for flag, v, low in (("--steps", a.steps, 1), ("--index", a.index, 0), ("--num", a.num, 1),
-                             ("--frames", a.frames, 1), ("--seed", a.seed, 0), ("--tts-sigma", a.tts_sigma, 0),
-                             ("--cfg", a.cfg, 0), ("--cfg-min", a.cfg_min, 0), ("--fps", a.fps, 0),
-                             ("--motion", a.motion, 0), ("--cond-aug", a.cond_aug, 0)):
-            if v is not None and not (math.isfinite(v) and v >= low):       # 0 steps is not 25 steps
-                raise UserError(f"{flag} {v}: must be a finite number >= {low}")
+        check_numbers(("--steps", a.steps, 1), ("--index", a.index, 0), ("--num", a.num, 1),      # 0 steps is
+                      ("--frames", a.frames, 1), ("--seed", a.seed, 0), ("--tts-sigma", a.tts_sigma, 0),  # not 25
+                      ("--cfg", a.cfg, 0), ("--cfg-min", a.cfg_min, 0), ("--fps", a.fps, 0),
+                      ("--motion", a.motion, 0), ("--cond-aug", a.cond_aug, 0))
         if a.tts_sigma <= 0:
             raise UserError(f"--tts-sigma {a.tts_sigma}: the Time Travel Sampler's level must be positive")
         if not a.out.lower().endswith((".mp4", ".gif")):

@@ -103,6 +103,26 @@ class I3DStandIn(torch.nn.Module):
                                     (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2, 3, 4))[:, None]], 1))
 
 
+class I3DRecorder(torch.nn.Module):
+    """Records the shape, value range and flags I3D is called with."""
+
+    def forward(self, x, rescale: bool, resize: bool, return_features: bool):
+        return torch.stack([torch.tensor(float(d)) for d in x.shape] + [x.min(), x.max(),
+                            torch.tensor(float(rescale)), torch.tensor(float(resize))])[None].repeat(len(x), 1)
+
+
+@pytest.mark.parametrize("h, w", [(110, 196), (196, 110), (224, 224), (32, 32), (111, 300)])
+def test_i3d_sees_224x224_at_any_size_in_both_protocols(tmp_path, h, w):
+    """The crop protocol resizes to an explicit size: a scale factor rounded a 110-pixel side to 223 and
+    the crop kept a 1-pixel strip. StyleGAN-V's protocol hands uint8 values to the network's own resize."""
+    torch.jit.script(I3DRecorder()).save(str(tmp_path / "rec.pt"))
+    video = torch.rand(2, 9, 3, h, w) * 2 - 1
+    crop = I3D(str(tmp_path / "rec.pt"))(video)[0].tolist()
+    assert crop[:5] == [2, 3, 9, 224, 224] and -1 <= crop[5] < crop[6] <= 1 and crop[7:] == [0, 0]
+    sgv = I3D(str(tmp_path / "rec.pt"), protocol="stylegan-v")(video)[0].tolist()
+    assert sgv[:5] == [2, 3, 9, h, w] and 0 <= sgv[5] < sgv[6] <= 255 and sgv[7:] == [1, 1]
+
+
 def test_i3d_path_and_cli(tmp_path, capsys):
     stub = str(tmp_path / "i3d.pt")
     torch.jit.script(I3DStandIn()).save(stub)
