@@ -502,7 +502,8 @@ def plot_log(run_dir):
     path, out = os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "log.png")
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: train a stage first")
-    recs = [r for r in map(json.loads, open(path)) if "loss" in r and "event" not in r]
+    with open(path) as f:
+        recs = [r for r in map(json.loads, f) if "loss" in r and "event" not in r]
     stages = list(dict.fromkeys((r["stage"], r.get("tag", "")) for r in recs))          # in the run's order
     fig, axes = plt.subplots(len(stages), 1, figsize=(7, 2.6 * len(stages)), squeeze=False)
     for ax, (stage, tag) in zip(axes[:, 0], stages):
@@ -511,8 +512,7 @@ def plot_log(run_dir):
             ax.plot(*zip(*[(r["step"], r[k]) for r in rows if k in r]), label=k, ls=":" if "acc" in k else "-")
         ax.set(title=f"stage {stage}" + (f" ({tag})" if tag else ""), xlabel="step")
         ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
     print(f"wrote {out}: {len(stages)} stage(s), {len(recs)} records")
     return out
 

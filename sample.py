@@ -240,8 +240,8 @@ def load_model(path, device="cpu"):
     else:
         ae, cfg = AutoEncoder(AEConfig(**ckpt["ae_config"])), ckpt["config"]
         ae.load_state_dict(ckpt["ae_state"])
-        D = Denoiser.new(UNetConfig(**ckpt["unet_config"]), ckpt["ae_config"]["latent_channels"])
         if ckpt["stage"] == "teacher":
+            D = Denoiser.new(UNetConfig(**ckpt["unet_config"]), ckpt["ae_config"]["latent_channels"])
             D.load_state_dict(ckpt["ema"]["denoiser"])
         else:
             base = os.path.join(os.path.dirname(path), ckpt["base"])
@@ -253,7 +253,7 @@ def load_model(path, device="cpu"):
         to_student(D, ckpt["sigma_min"], ckpt["lora"])
         load_trained(D, ckpt["ema"]["student"])
         merge_lora(D)
-    cfg = {**cfg, "micro_median": ckpt.get("micro_median") or {}}       # the training clips' fps, motion
+    cfg = {**cfg, "micro_median": ckpt.get("micro_median")}              # the training clips' fps, motion
     return D.to(device).eval(), ae.to(device).eval(), cfg, ckpt["stage"]
 
 
@@ -288,12 +288,10 @@ def main(argv=None):
                    help="default: cuda if available")
     a = p.parse_args(argv)
     try:
-        check_numbers(("--steps", a.steps, 1), ("--index", a.index, 0), ("--num", a.num, 1),      # 0 steps is
-                      ("--frames", a.frames, 1), ("--seed", a.seed, 0), ("--tts-sigma", a.tts_sigma, 0),  # not 25
+        check_numbers(("--steps", a.steps, 1), ("--index", a.index, 0), ("--num", a.num, 1),   # 0 steps: an error
+                      ("--frames", a.frames, 1), ("--seed", a.seed, 0), ("--tts-sigma", a.tts_sigma, 1e-6),
                       ("--cfg", a.cfg, 0), ("--cfg-min", a.cfg_min, 0), ("--fps", a.fps, 0),
                       ("--motion", a.motion, 0), ("--cond-aug", a.cond_aug, 0))
-        if a.tts_sigma <= 0:
-            raise UserError(f"--tts-sigma {a.tts_sigma}: the Time Travel Sampler's level must be positive")
         if not a.out.lower().endswith((".mp4", ".gif")):
             raise UserError(f"--out {a.out}: use .mp4 or .gif")
         D, ae, cfg, stage = load_svd(a.svd, a.device) if a.svd else load_model(a.ckpt, a.device)
