@@ -1,18 +1,18 @@
-"""The ruler: a Fréchet video distance that runs offline, and diagnostics for generated videos.
+"""Evaluation: the replication report (the paper's Tables 1 and 2 on paired rows), diagnostics for
+generated videos, and the command line of the ruler (metric.py: FVD-syn, FVD, the paired bootstrap).
 
-The paper reports FVD: the Fréchet distance between Gaussians fitted to I3D features of real and of
-generated videos. I3D's weights cannot be downloaded here, and I3D-FVD is known to barely notice
-temporal corruption (Ge et al. 2024, "On the Content Bias in FVD"). So, besides the I3D path for
-users who have its TorchScript file (`--i3d`), this file trains a small video network on labels that
-cost nothing and measures the same Fréchet distance in its features. We call that distance
-**FVD-syn**: it is a different ruler, never comparable with published FVD numbers.
+Every row of a report is generated from the first frames of the same held-out clips with the same
+noise, so two rows can be compared on the *paired* ruler (`metric.paired_fd`): a difference or a ratio
+gets its own 95% interval, and "better" or "worse" is said only where that interval excludes 0.
 
-Read first: `frechet_distance` (the formula), `FeatureNet` and `make_labels` (what the offline
-network learns, and therefore what the ruler sees), `diagnostics`.
+Read first: `write_report` (what a report holds), `measure` (how its rows are made paired),
+`diagnostics`.
 
     python evaluate.py --sanity                                 # the ruler checked against corruptions
     python evaluate.py --real videos/ --fake samples/ [--i3d i3d_torchscript.pt]     # or --real synthetic
+    python evaluate.py --real synthetic --fake A/ --fake B/     # B against A on the paired ruler
     python evaluate.py --run runs/default                       # the replication report of a run folder
+    python evaluate.py --run runs/default --pairs stage1_x.pt:stage1.pt    # a checkpoint against another
 """
 import glob
 import json
@@ -22,254 +22,16 @@ import sys
 import time
 import warnings
 
-import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
 from data import Parser, SyntheticVideos, UserError, VideoFolder, check_numbers, optional, write_video
+from metric import I3D, compare, extract, fd_interval, interval, load_feature_net, paired_fd
 from sample import TTS_SIGMA, cfg_scale, generate, load_model
 
 
-# ----------------------------------------------------------------------------------------------
-# The Fréchet distance (Heusel et al. 2017 for images; Unterthiner et al. 2018 for video)
-
-def gaussian_stats(feats):
-    """Mean and covariance (float64) of features (N, D)."""
-    f = torch.as_tensor(feats, dtype=torch.float64)
-    return f.mean(0), torch.cov(f.T)
-
-
-def frechet_distance(mu1, s1, mu2, s2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), in float64.
-    tr((S1 S2)^1/2) is computed as the sum of square roots of the eigenvalues of the symmetric PSD
-    matrix S1^1/2 S2 S1^1/2 (same eigenvalues as S1 S2), which avoids a general matrix square root."""
-    mu1, s1, mu2, s2 = (torch.as_tensor(x, dtype=torch.float64) for x in (mu1, s1, mu2, s2))
-    w, q = torch.linalg.eigh(s1)
-    root1 = (q * w.clamp(min=0).sqrt()) @ q.T                                         # S1^1/2
-    middle = root1 @ s2 @ root1
-    tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
-
-
-def fd_interval(f_real, f_fake, n_boot=100, seed=0):
-    """The distance between two feature sets and a 95% interval, estimate +- 1.96 bootstrap standard
-    errors (both sets resampled). Not the bootstrap percentiles: resampling with replacement repeats
-    videos, which adds to the distance's small-sample bias, so those sit above the estimate."""
-    f_real, f_fake = torch.as_tensor(f_real, dtype=torch.float64), torch.as_tensor(f_fake, dtype=torch.float64)
-    fd = frechet_distance(*gaussian_stats(f_real), *gaussian_stats(f_fake))
-    g = torch.Generator().manual_seed(seed)
-    boot = []
-    for _ in range(n_boot):
-        a = f_real[torch.randint(len(f_real), (len(f_real),), generator=g)]
-        b = f_fake[torch.randint(len(f_fake), (len(f_fake),), generator=g)]
-        boot.append(frechet_distance(*gaussian_stats(a), *gaussian_stats(b)))
-    half = 1.96 * float(np.std(boot, ddof=1))
-    return fd, max(0.0, fd - half), fd + half
-
-
-# ----------------------------------------------------------------------------------------------
-# The offline feature network behind FVD-syn
-
-class FeatureNet(nn.Module):
-    """A small 3D CNN: (B, T, 3, H, W) in [-1, 1] -> (B, 160) features, with heads for the free labels.
-    Kernels of 3 frames mix time from the first layer on, so frame order and motion reach the features.
-
-    The features are the 128-d embedding that the heads read, plus the energy (std over space and
-    time) of each of the 32 first-layer filters before normalisation. The embedding alone is nearly
-    blind to blur: GroupNorm rescales weak edges back up and the labels do not depend on sharpness.
-    The raw filter energies keep "how much detail at which orientation and speed" (our choice; the
-    ruler's check is `python evaluate.py --sanity`). Every feature is standardised with statistics of
-    training clips, so each dimension counts alike."""
-
-    HEADS = {"count": 3, "shapes": 3, "speed": 1, "direction": 8,      # synthetic ground truth
-             "shuffled": 1, "reversed": 1, "fast": 1}                  # self-supervised, any video
-
-    def __init__(self, image_size, num_frames, width=32, dim=128):
-        super().__init__()
-        self.image_size, self.num_frames = image_size, num_frames
-
-        def block(c_in, c_out, stride):
-            return nn.Sequential(nn.Conv3d(c_in, c_out, 3, stride, padding=1), nn.GroupNorm(8, c_out), nn.SiLU())
-        w = width
-        self.conv_in = nn.Conv3d(3, w, 3, (1, 2, 2), padding=1)          # strides (t, h, w)
-        self.trunk = nn.Sequential(nn.GroupNorm(8, w), nn.SiLU(), block(w, 2 * w, (1, 2, 2)),
-                                   block(2 * w, 4 * w, (1, 2, 2)), block(4 * w, 4 * w, (2, 1, 1)))
-        self.neck = nn.Sequential(nn.Linear(8 * w, dim), nn.SiLU())
-        self.heads = nn.ModuleDict({k: nn.Linear(dim, n) for k, n in self.HEADS.items()})
-        self.register_buffer("feat_mean", torch.zeros(dim + w))     # set by `standardise`
-        self.register_buffer("feat_std", torch.ones(dim + w))
-
-    def embed(self, video):
-        """The embedding (B, dim) and the first-layer filter energies (B, width)."""
-        x = rearrange(video, "b t c h w -> b c t h w")
-        first = self.conv_in(x)                                            # (B, w, T, H/2, W/2)
-        x = self.trunk(first)                                              # (B, C, T', H', W')
-        # mean and std over space-time: the std keeps "how much varies", which pooling alone loses
-        pooled = torch.cat([x.mean((2, 3, 4)), x.flatten(2).std(-1)], 1)  # (B, 2C)
-        return self.neck(pooled), first.flatten(2).std(-1)
-
-    def predict(self, video):
-        emb, _ = self.embed(video)
-        return {k: h(emb) for k, h in self.heads.items()}
-
-    def forward(self, video):
-        """The FVD-syn features (B, dim + width), standardised."""
-        return (torch.cat(self.embed(video), 1) - self.feat_mean) / self.feat_std
-
-    @torch.no_grad()
-    def standardise(self, videos):
-        self.feat_mean.zero_()
-        self.feat_std.fill_(1.0)
-        f = torch.cat([self(v) for v in videos.split(250)])
-        self.feat_mean.copy_(f.mean(0))
-        self.feat_std.copy_(f.std(0) + 1e-6)
-
-
-def make_labels(batch, T, synthetic, gen):
-    """Turn clips of 2T frames into training clips of T frames and their free labels. Each clip is
-    played at normal or double speed, forwards or backwards, in order or shuffled, each with
-    probability 1/2; on synthetic data the ground truth adds object count, which shapes are present,
-    speed, and direction of the largest object (only where the clip is neither shuffled nor reversed)."""
-    v = batch["video"]                                                      # (B, 2T, 3, H, W)
-    B, dev = v.shape[0], v.device
-    flip = lambda: torch.rand(B, generator=gen) < 0.5                       # noqa: E731
-    fast, rev, shuf = flip().to(dev), flip().to(dev), flip().to(dev)
-    clip = torch.where(fast[:, None, None, None, None], v[:, 0::2], v[:, :T])           # (B, T, 3, H, W)
-    clip = torch.where(rev[:, None, None, None, None], clip.flip(1), clip)
-    perm = torch.stack([torch.randperm(T, generator=gen) for _ in range(B)]).to(dev)    # (B, T)
-    order = torch.where(shuf[:, None], perm, torch.arange(T, device=dev))
-    clip = clip[torch.arange(B, device=dev)[:, None], order]
-    labels = {"fast": fast.float(), "reversed": rev.float(), "shuffled": shuf.float()}
-    if synthetic:
-        valid = batch["shape"] >= 0                                                      # (B, K)
-        labels["count"] = batch["num_objects"] - 1
-        labels["shapes"] = torch.stack([((batch["shape"] == s) & valid).any(1) for s in range(3)], 1).float()
-        labels["speed"] = batch["motion"] * (1 + fast.float()) / 10           # about unit scale
-        big = torch.where(valid, batch["size"], -1.0).argmax(1)                          # (B,)
-        v0 = batch["vel"][torch.arange(B, device=dev), 0, big]                           # (B, 2)
-        labels["direction"] = (torch.atan2(v0[:, 1], v0[:, 0]) / (2 * math.pi) * 8).floor().long() % 8
-        labels["ordered"] = ~(rev | shuf)
-    return clip, labels
-
-
-def feature_loss(net, clip, labels):
-    out = net.predict(clip)
-    loss = sum(F.binary_cross_entropy_with_logits(out[k][:, 0], labels[k]) for k in ("fast", "reversed", "shuffled"))
-    if "count" in labels:
-        ok = labels["ordered"].float()                  # speed and direction only where they are defined
-        n_ok = ok.sum().clamp(min=1)
-        loss = loss + F.cross_entropy(out["count"], labels["count"]) \
-            + F.binary_cross_entropy_with_logits(out["shapes"], labels["shapes"]) \
-            + (ok * (out["speed"][:, 0] - labels["speed"]).pow(2)).sum() / n_ok \
-            + (ok * F.cross_entropy(out["direction"], labels["direction"], reduction="none")).sum() / n_ok
-    return loss
-
-
-def train_feature_net(source, image_size, num_frames, path, steps=1500, batch_size=32, device="cpu",
-                      frame_stride=1, seed=0):
-    """Train the FVD-syn network on `source` ("synthetic" or a folder of videos) and save it to `path`."""
-    if steps < 3:
-        raise UserError(f"the FVD-syn network needs at least 3 training steps, not {steps}")
-    torch.manual_seed(seed)
-    synthetic = source == "synthetic"
-    if synthetic:
-        data = SyntheticVideos(image_size, 2 * num_frames, "train", device)
-    else:
-        data = VideoFolder(source, image_size, 2 * num_frames, frame_stride)
-    net = FeatureNet(image_size, num_frames).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    # a 5% warm-up, at least two steps (OneCycleLR divides by zero when its warm-up ends at step 0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps,
-                                                pct_start=max(0.05, 2 / steps))
-    gen = torch.Generator().manual_seed(seed)
-    for step in tqdm(range(steps), desc="FVD-syn features", dynamic_ncols=True):
-        batch = data.batch(range(step * batch_size, (step + 1) * batch_size))
-        batch = {k: v.to(device) for k, v in batch.items()}
-        clip, labels = make_labels(batch, num_frames, synthetic, gen)
-        loss = feature_loss(net, clip, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    net.eval().requires_grad_(False)
-    ref = data.batch(range(10 ** 9, 10 ** 9 + 2000))["video"][:, :num_frames]   # clips no step read
-    net.standardise(ref.to(device))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"                      # unique: two commands never share it
-    torch.save({"source": source, "image_size": image_size, "num_frames": num_frames, "steps": steps,
-                "model": net.state_dict()}, tmp)
-    os.replace(tmp, path)
-    return net
-
-
-def load_feature_net(path, source, image_size, num_frames, device="cpu", **train_kw):
-    """The cached FVD-syn network for this data and size; trained (and cached) if there is none."""
-    if os.path.isfile(path):
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        if (ck["source"], ck["image_size"], ck["num_frames"]) == (source, image_size, num_frames):
-            net = FeatureNet(image_size, num_frames)
-            net.load_state_dict(ck["model"])
-            return net.to(device).eval().requires_grad_(False)
-        print(f"note: {path} was trained for {ck['source']} at {ck['image_size']}px x {ck['num_frames']} "
-              f"frames; training one for {source} at {image_size}px x {num_frames}")
-    print(f"training the FVD-syn feature network on {source}; cached in {path}")
-    return train_feature_net(source, image_size, num_frames, path, device=device, **train_kw)
-
-
-class I3D:
-    """FVD's feature network, the I3D TorchScript file of StyleGAN-V and most FVD code: 400-d features
-    of each video's T frames (16 by convention, at least 9). "stylegan-v": StyleGAN-V's `compute_fvd`,
-    as FVDs published with its code: uint8 values, the network's own rescale and 224x224 resize (the
-    aspect is lost). "crop" (ours): the short side to exactly 224, centre crop, values in [-1, 1]."""
-
-    def __init__(self, path, device="cpu", protocol="crop"):
-        if protocol not in ("crop", "stylegan-v"):
-            raise UserError(f"--i3d-protocol must be crop or stylegan-v, not {protocol!r}")
-        self.protocol = protocol
-        if not os.path.isfile(path):
-            raise UserError(f"--i3d {path}: file not found (it is not downloadable from here; see README)")
-        self.device = torch.device(device)
-        try:
-            with warnings.catch_warnings():     # TorchScript is deprecated, but it is what the file is
-                warnings.simplefilter("ignore")
-                self.net = torch.jit.load(path, map_location=device).eval()
-        except Exception as e:
-            raise UserError(f"--i3d {path}: not a TorchScript file ({str(e).splitlines()[0]})") from None
-
-    @torch.no_grad()
-    def __call__(self, video):
-        B, T = video.shape[:2]
-        x = rearrange(video, "b t c h w -> (b t) c h w")
-        if self.protocol == "stylegan-v":                                  # uint8 values; the net resizes
-            x = ((x + 1) * 127.5).round().clamp(0, 255)
-            x = rearrange(x, "(b t) c h w -> b c t h w", b=B)
-            return self.net(x, rescale=True, resize=True, return_features=True)
-        h, w = x.shape[-2:]                  # an explicit size: a scale factor could round to 223
-        size = (224, max(224, round(w * 224 / h))) if h <= w else (max(224, round(h * 224 / w)), 224)
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if size != (h, w) else x
-        top, left = (size[0] - 224) // 2, (size[1] - 224) // 2
-        x = x[..., top:top + 224, left:left + 224]
-        x = rearrange(x, "(b t) c h w -> b c t h w", b=B)                   # (B, 3, T, 224, 224)
-        return self.net(x, rescale=False, resize=False, return_features=True)
-
-
-@torch.no_grad()
-def extract(features, videos, batch_size=64):
-    """Features (N, D) float64 of videos (N, T, 3, H, W), in batches on the network's device."""
-    dev = features.device if isinstance(features, I3D) else next(features.parameters()).device
-    if isinstance(features, FeatureNet) and videos.shape[1] != features.num_frames:
-        raise UserError(f"videos have {videos.shape[1]} frames; the FVD-syn network was trained on "
-                        f"{features.num_frames}")
-    out = []
-    for v in videos.split(batch_size):
-        if isinstance(features, FeatureNet) and v.shape[-1] != features.image_size:
-            v = F.interpolate(v.flatten(0, 1), size=features.image_size, mode="bilinear",
-                              antialias=True).unflatten(0, v.shape[:2])
-        out.append(features(v.to(dev)).double().cpu())
-    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +91,11 @@ def blurred(videos, sigma=1.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# The replication report: the analogue of the paper's Table 1 on held-out first frames
+# The replication report: the analogue of the paper's Tables 1 and 2 on held-out first frames
+
+TEACHER_25 = ("teacher.pt", 25, "ramp", "euler")        # the reference of Table 1 and of every ratio
+FULL_MODEL = ("stage2.pt", 1, None, "tts")              # the reference of Table 2 (the paper's "full model")
+
 
 def sampler_rows(run_dir):
     """(table, label, checkpoint, steps, guidance, sampler) for every row whose checkpoint the run folder
@@ -347,7 +113,8 @@ def sampler_rows(run_dir):
     if has("stage2.pt"):
         rows += [(1, "OSV", "stage2.pt", 1, None, "consistency"), (1, "OSV + TTS", "stage2.pt", 1, None, "tts"),
                  (1, "OSV", "stage2.pt", 2, None, "consistency"), (1, "OSV", "stage2.pt", 4, None, "consistency"),
-                 (2, "full model (OSV + TTS)", "stage2.pt", 1, None, "tts")]
+                 (2, "full model (OSV + TTS)", "stage2.pt", 1, None, "tts"),
+                 (2, "TTS as Eq. (13)'s text reads", "stage2.pt", 1, None, "tts-text")]
         rows += [(2, f"Stage 2 `--tag {n[7:-3]}`", n, 1, None, "tts") for n in tagged(2)]
     if has("stage1.pt"):
         rows += [(2, "no Stage 2 (Stage 1 only), without TTS", "stage1.pt", 1, None, "consistency"),
@@ -363,7 +130,8 @@ def sampler_rows(run_dir):
 def run_row(D, ae, cfg, real, steps, guidance, sampler="heun", batch_size=50, seed=0, tts_sigma=TTS_SIGMA):
     """Generate videos from the first frames of `real` (video, fps, motion); return them, the
     milliseconds per video (sampling and decoding, after a one-step warm-up batch of the same shapes)
-    and the NFE per video. cfg["sigma_max"] is where every sampler starts."""
+    and the NFE per video. cfg["sigma_max"] is where every sampler starts. Batch i's noise is drawn from
+    seed + i, so every row sees the same clips with the same noise: the rows are paired."""
     T = cfg["num_frames"]
     scale = cfg_scale(cfg["cfg_min"], cfg["cfg_max"], T) if guidance == "ramp" else guidance or 1.0
     dev = real["video"].device
@@ -387,23 +155,13 @@ def run_row(D, ae, cfg, real, steps, guidance, sampler="heun", batch_size=50, se
     return torch.cat(out), 1000 * seconds / len(real["video"]), nfe
 
 
-HEADER = ["| {} | steps | NFE | FVD-syn | first-frame PSNR (dB) | static rate | motion vs real | ms / video |",
-          "|---|---|---|---|---|---|---|---|"]
-
-
-def write_report(run_dir, num=500, device="cpu", feature_steps=1500, max_steps=0, tts_sigma=TTS_SIGMA,
-                 sigma_max=None, name="report", checkpoints=None):
-    """Evaluate every row the run folder supports (`sampler_rows`) and write run_dir/<name>.md and
-    run_dir/<name>_grid.gif. Rows that share a model and sampler are computed once. Only rows of at
-    most max_steps steps (0: all) and of the checkpoint files in `checkpoints` (None: all); tts_sigma: the
-    Time Travel Sampler's level s; sigma_max: where every sampler starts (default: the run's)."""
-    rows = [r for r in sampler_rows(run_dir) if (not max_steps or r[3] <= max_steps) and (not checkpoints or r[2] in checkpoints)]
-    if not rows:
-        raise UserError(f"{run_dir} holds no trained video model (teacher.pt)" +
-                        (f" among {','.join(checkpoints)}" if checkpoints else ": train one first"))
+def measure(run_dir, keys, num, device="cpu", feature_steps=1500, tts_sigma=TTS_SIGMA, sigma_max=None):
+    """Every key (checkpoint, steps, guidance, sampler) sampled from the first frames of the same `num`
+    held-out test clips with the same noise, then the paired bootstrap over all of them (paired_fd).
+    Also the real-vs-real floor at this N: these clips against the next `num` test clips."""
     models = {}
-    for row in rows:
-        models.setdefault(row[2], load_model(os.path.join(run_dir, row[2]), device))
+    for key in keys:
+        models.setdefault(key[0], load_model(os.path.join(run_dir, key[0]), device))
     if sigma_max is not None:
         for m in models.values():
             m[2]["sigma_max"] = sigma_max
@@ -413,48 +171,135 @@ def write_report(run_dir, num=500, device="cpu", feature_steps=1500, max_steps=0
     S, T = cfg["image_size"], cfg["num_frames"]
     features = load_feature_net(os.path.join(run_dir, f"fvdsyn_synthetic_{S}x{T}.pt"), "synthetic", S, T,
                                 device, steps=feature_steps)
-    b = SyntheticVideos(S, T, "test").batch(range(num))
+    test = SyntheticVideos(S, T, "test")
+    b = test.batch(range(num))
     real = {k: b[k].to(device) for k in ("video", "fps", "motion")}
     f_real = extract(features, real["video"])
-    done, tables, grid, values = {}, {1: [], 2: []}, {}, {}
-    for table, label, ck, steps, guidance, sampler in tqdm(rows, desc="report", dynamic_ncols=True):
-        key = (ck, steps, guidance, sampler)
-        if key not in done:
-            D, ae, cfg, _ = models[ck]
-            fake, ms, nfe = run_row(D, ae, cfg, real, steps, guidance, sampler, tts_sigma=tts_sigma)
-            fd, lo, hi = fd_interval(f_real, extract(features, fake))
-            d = diagnostics(fake, real["video"].cpu(), real["video"][:, 0].cpu())
-            values[key] = (fd, ms, nfe)
-            done[key] = (f"{steps} | {nfe} | {fd:.2f} [{lo:.2f}, {hi:.2f}] | {d['first_frame_psnr']:.2f} | "
-                         f"{d['static_rate']:.3f} | {d['motion_ratio']:.2f} | {ms:.1f} |")
-            if (ck, steps, sampler) in (("teacher.pt", 25, "euler"), ("teacher.pt", 1, "euler"), ("stage2.pt", 1, "tts")):
-                grid[(ck, steps)] = fake[:4]
-        tables[table].append(f"| {label} | {done[key]}")
-    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
-    lines = [f"# Replication report: {run_dir}", "",
-             f"{num} held-out synthetic test clips ({S}x{S}, {T} frames); each generated video starts from the "
-             f"first frame of one of them. FVD-syn (our offline ruler, not comparable with published FVD) with a 95% "
-             f"bootstrap interval; NFE = network evaluations per video (CFG counts two); ms = sampling + decoding "
-             f"per video on {device} ({dev_name}), measured in this run, batches of 50.", "",
-             *([f"Sampled from sigma_max = {cfg['sigma_max']}; TTS level s = {tts_sigma}.", ""]
-               if sigma_max is not None or tts_sigma != TTS_SIGMA else []),
-             "## Table 1: steps against quality", "", HEADER[0].format("model"), HEADER[1], *tables[1]]
-    if tables[2]:
-        lines += ["", "## Table 2: ablations (1 step + TTS unless noted)", "", HEADER[0].format("ablation"),
-                  HEADER[1], *tables[2]]
-    teacher = values.get(("teacher.pt", 25, "ramp", "euler"))
-    if teacher:                                         # the headline: each student against the teacher's 25 steps
+    floor = fd_interval(f_real, extract(features, test.batch(range(num, 2 * num))["video"]))
+    feats, info = [], {}
+    for key in tqdm(keys, desc="rows", dynamic_ncols=True):
+        D, ae, cfg_k, _ = models[key[0]]
+        fake, ms, nfe = run_row(D, ae, cfg_k, real, *key[1:], tts_sigma=tts_sigma)
+        feats.append(extract(features, fake))
+        info[key] = {"ms": ms, "nfe": nfe, "videos": fake[:4],
+                     **diagnostics(fake, real["video"].cpu(), real["video"][:, 0].cpu())}
+    fd, boot = paired_fd(f_real, feats)
+    return {"index": {k: j for j, k in enumerate(keys)}, "fd": fd, "boot": boot, "info": info, "floor": floor,
+            "real": real["video"][:4].cpu(), "cfg": cfg, "device": device}
+
+
+def ci(est, lo, hi, signed=False, unit=""):
+    """'x [lo, hi]': an estimate and its 95% interval."""
+    f = "{:+.2f}" if signed else "{:.2f}"
+    return f"{f.format(est)}{unit} [{f.format(lo)}, {f.format(hi)}]{unit}"
+
+
+def preamble(m, num, tts_sigma, sigma_max):
+    """The lines that open a report or a --pairs table: what was measured, how, and the floor at this N."""
+    S, T = m["cfg"]["image_size"], m["cfg"]["num_frames"]
+    dev_name = torch.cuda.get_device_name() if m["device"].startswith("cuda") else "CPU"
+    return [f"{num} held-out synthetic test clips ({S}x{S}, {T} frames); each generated video starts from the "
+            f"first frame of one of them, with the same noise in every row, so the rows are paired. FVD-syn (our "
+            f"offline ruler, not comparable with published FVD) with a 95% bootstrap interval; a difference or "
+            f"ratio between rows has the paired interval (one draw of clips for all rows), and its verdict is "
+            f"said only where that interval excludes 0. NFE = network evaluations per video (CFG counts two); "
+            f"ms = sampling + decoding per video on {m['device']} ({dev_name}), measured in this run, batches of 50.",
+            "", f"**The floor at this N:** these {num} real clips against the next {num} give FVD-syn "
+            f"{ci(*m['floor'])}. A Fréchet distance from N videos is biased upward by about this much, so every "
+            f"row includes it and every ratio is pulled toward 1.", "",
+            *([f"Sampled from sigma_max = {m['cfg']['sigma_max']}; TTS level s = {tts_sigma}.", ""]
+              if sigma_max is not None or tts_sigma != TTS_SIGMA else [])]
+
+
+def write_report(run_dir, num=1000, device="cpu", feature_steps=1500, max_steps=0, tts_sigma=TTS_SIGMA,
+                 sigma_max=None, name="report", checkpoints=None):
+    """Evaluate every row the run folder supports (`sampler_rows`) and write run_dir/<name>.md and
+    run_dir/<name>_grid.gif. Rows that share a model and sampler are computed once. Only rows of at
+    most max_steps steps (0: all) and of the checkpoint files in `checkpoints` (None: all); tts_sigma: the
+    Time Travel Sampler's level s; sigma_max: where every sampler starts (default: the run's)."""
+    rows = [r for r in sampler_rows(run_dir) if (not max_steps or r[3] <= max_steps) and (not checkpoints or r[2] in checkpoints)]
+    if not rows:
+        raise UserError(f"{run_dir} holds no trained video model (teacher.pt)" +
+                        (f" among {','.join(checkpoints)}" if checkpoints else ": train one first"))
+    keys = list(dict.fromkeys(tuple(r[2:]) for r in rows))
+    m = measure(run_dir, keys, num, device, feature_steps, tts_sigma, sigma_max)
+    at, fd, boot = m["index"], m["fd"], m["boot"]
+
+    def line(label, key, ref):
+        j, d = at[key], m["info"][key]
+        vs = compare(fd, boot, j, at[ref]) if ref in at and ref != key else None
+        return (f"| {label} | {key[1]} | {d['nfe']} | {ci(fd[j], *interval(fd[j], boot[:, j]))} | "
+                + (f"{ci(*vs['diff'], signed=True)} | {vs['verdict']} | " if vs else
+                   "reference | | " if ref == key else "not measured | | ")
+                + f"{d['first_frame_psnr']:.2f} | {d['static_rate']:.3f} | {d['motion_ratio']:.2f} | {d['ms']:.1f} |")
+
+    head = ("| {} | steps | NFE | FVD-syn | difference to {} | verdict | first-frame PSNR (dB) | static rate | "
+            "motion vs real | ms / video |")
+    lines = [f"# Replication report: {run_dir}", "", *preamble(m, num, tts_sigma, sigma_max),
+             "## Table 1: steps against quality", "", head.format("model", "the teacher's 25 steps"),
+             "|---" * 10 + "|", *[line(r[1], tuple(r[2:]), TEACHER_25) for r in rows if r[0] == 1]]
+    if any(r[0] == 2 for r in rows):
+        lines += ["", "## Table 2: ablations (1 step + TTS unless noted)", "",
+                  head.format("ablation", "the full model"), "|---" * 10 + "|",
+                  *[line(r[1], tuple(r[2:]), FULL_MODEL) for r in rows if r[0] == 2]]
+    if TEACHER_25 in at:                              # the headline: each student against the teacher's 25 steps
+        t = at[TEACHER_25]
         lines += ["", "## Against the teacher's 25 steps (Euler + CFG, 50 NFE)", "",
-                  "| model | steps | NFE | FVD-syn / teacher's | speed-up (ms / video) |", "|---|---|---|---|---|"]
-        for table, label, ck, steps, guidance, sampler in rows:
-            fd, ms, nfe = values[(ck, steps, guidance, sampler)]
-            if ck != "teacher.pt" and table == 1:
-                lines.append(f"| {label} | {steps} | {nfe} | {fd / teacher[0]:.2f}x | {teacher[1] / ms:.1f}x |")
-    cols = [real["video"][:4, :1].expand(-1, T, -1, -1, -1).cpu()] + list(grid.values())
+                  "| model | steps | NFE | FVD-syn / teacher's | difference | verdict | speed-up (ms / video) |",
+                  "|---|---|---|---|---|---|---|"]
+        for table, label, *key in rows:
+            key = tuple(key)
+            if key[0] != "teacher.pt" and table == 1:
+                vs, d = compare(fd, boot, at[key], t), m["info"][key]
+                lines.append(f"| {label} | {key[1]} | {d['nfe']} | {ci(*vs['ratio'], unit='x')} | "
+                             f"{ci(*vs['diff'], signed=True)} | {vs['verdict']} | "
+                             f"{m['info'][TEACHER_25]['ms'] / d['ms']:.1f}x |")
+    shown = {("teacher.pt", 25, "ramp", "euler"): "teacher 25 steps", ("teacher.pt", 1, "ramp", "euler"): "teacher 1 step",
+             FULL_MODEL: "OSV 1 step + TTS"}
+    shown = {k: v for k, v in shown.items() if k in at}
+    T = m["cfg"]["num_frames"]
+    cols = [m["real"][:, :1].expand(-1, T, -1, -1, -1)] + [m["info"][k]["videos"] for k in shown]
     write_video(os.path.join(run_dir, f"{name}_grid.gif"), torch.stack(cols, 1).flatten(0, 1), fps=8, ncol=len(cols))
-    names = {("teacher.pt", 25): "teacher 25 steps", ("teacher.pt", 1): "teacher 1 step", ("stage2.pt", 1): "OSV 1 step + TTS"}
     lines += ["", f"`{name}_grid.gif`: each row one test clip; columns: the conditioning frame, "
-              + ", ".join(names[k] for k in grid) + "."]
+              + ", ".join(shown.values()) + "."]
+    with open(os.path.join(run_dir, f"{name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return lines
+
+
+def parse_pairs(text):
+    """`--pairs A:B,C:D`: each row A against its reference B. An item is FILE[@SAMPLER]: a student's
+    1 step (consistency by default; tts, tts-text), the teacher's 25 Euler steps with CFG."""
+    def item(s):
+        ck, _, sampler = s.strip().partition("@")
+        if ck == "teacher.pt":
+            if sampler:
+                raise UserError(f"--pairs {s}: the teacher is measured with its 25 Euler steps and CFG")
+            return TEACHER_25
+        if sampler not in ("", "consistency", "tts", "tts-text"):
+            raise UserError(f"--pairs {s}: a student's sampler is consistency, tts or tts-text")
+        return (ck, 1, None, sampler or "consistency")
+    pairs = []
+    for p in text.split(","):
+        if p.count(":") != 1:
+            raise UserError(f"--pairs {p!r}: write ROW:REFERENCE, e.g. stage1_sig0.pt:stage1.pt")
+        pairs.append(tuple(map(item, p.split(":"))))
+    return pairs
+
+
+def write_pairs(run_dir, pairs, num=1000, device="cpu", feature_steps=1500, tts_sigma=TTS_SIGMA, name="pairs"):
+    """`--run DIR --pairs A:B,...`: each row against its own reference on the paired ruler (DIR/<name>.md)."""
+    keys = list(dict.fromkeys(k for p in pairs for k in p))
+    m = measure(run_dir, keys, num, device, feature_steps, tts_sigma)
+    at, fd, boot = m["index"], m["fd"], m["boot"]
+    label = lambda k: k[0] + (f" @{k[3]}" if k[3] != "consistency" and k != TEACHER_25 else "")   # noqa: E731
+    lines = [f"# Paired comparisons: {run_dir}", "", *preamble(m, num, tts_sigma, None),
+             "| row | reference | FVD-syn (row) | FVD-syn (reference) | difference | verdict |", "|---" * 6 + "|"]
+    for k, ref in pairs:
+        vs = compare(fd, boot, at[k], at[ref])
+        lines.append(f"| {label(k)} | {label(ref)} | {fd[at[k]]:.2f} | {fd[at[ref]]:.2f} | "
+                     f"{ci(*vs['diff'], signed=True)} | {vs['verdict']} |")
     with open(os.path.join(run_dir, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -517,17 +362,39 @@ def plot_log(run_dir):
     return out
 
 
+def compare_sets(f_real, sets, metric_name):
+    """`--fake X --fake Y ...`: each later set against the first on the paired ruler. The sets pair by
+    file name; where every set names the real videos too, the real set is resampled with them."""
+    names = [sorted(s[2]) for s in sets]
+    if any(n != names[0] for n in names):
+        raise UserError("a paired comparison needs the same file names in every --fake folder (one video per "
+                        "conditioning frame): " + ", ".join(f"{s[0]} has {len(s[2])}" for s in sets))
+    order = [[s[2].index(n) for n in names[0]] for s in sets]
+    feats = [s[4][o] for s, o in zip(sets, order)]
+    paired_real = all(s[3] for s in sets)
+    real = f_real[[sets[0][3][i] for i in order[0]]] if paired_real else f_real
+    fd, boot = paired_fd(real, feats, paired_real=paired_real)
+    print(f"paired against {sets[0][0]} ({len(feats[0])} videos per set; the real set "
+          + ("resampled with them)" if paired_real else "resampled on its own: the names do not match it)"))
+    for k, s in enumerate(sets[1:], 1):
+        vs = compare(fd, boot, k, 0)
+        print(f"{s[0]}: {metric_name} difference {ci(*vs['diff'], signed=True)}, ratio {ci(*vs['ratio'], unit='x')}"
+              f": {vs['verdict']}")
+    return fd, boot
+
+
 def main(argv=None):
     p = Parser(description="FVD-syn (offline) or FVD (I3D) between two sets of videos.")
     p.add_argument("--real", default="synthetic", help="a folder of videos, or 'synthetic' (the test split)")
-    p.add_argument("--fake", help="a folder of generated videos")
+    p.add_argument("--fake", action="append", help="a folder of generated videos; again for more sets, each "
+                   "later one also compared with the first on the paired ruler")
     p.add_argument("--sanity", action="store_true", help="check the ruler on real and corrupted clips")
     p.add_argument("--run", metavar="DIR", help="evaluate the models of a run folder; writes DIR/report.md")
     p.add_argument("--plot", metavar="DIR", help="draw a run folder's losses and accuracies to DIR/log.png "
                    "(needs matplotlib)")
     p.add_argument("--size", type=int, default=32, help="frame size of the sets (default: %(default)s, the tiny preset)")
     p.add_argument("--frames", type=int, default=8, help="frames per video (default: %(default)s, the tiny preset)")
-    p.add_argument("--num", type=int, help="videos per set (default 1000; 500 for --run)")
+    p.add_argument("--num", type=int, default=1000, help="videos per set (default: %(default)s)")
     p.add_argument("--i3d", metavar="FILE", help="use I3D (FVD) instead of the offline network (FVD-syn)")
     p.add_argument("--i3d-protocol", default="crop", choices=["crop", "stylegan-v"], help="I3D's input: see "
                    "evaluate.I3D (default: %(default)s; stylegan-v matches FVDs published with its code)")
@@ -538,6 +405,8 @@ def main(argv=None):
     p.add_argument("--sigma-max", type=float, help="--run: where every sampler starts (default: the run's)")
     p.add_argument("--name", default="report", help="--run: write DIR/NAME.md and DIR/NAME_grid.gif")
     p.add_argument("--models", help="--run: only these checkpoint files, comma-separated (teacher.pt,stage2.pt)")
+    p.add_argument("--pairs", metavar="A:B,...", help="--run: each checkpoint A against B on the paired ruler, "
+                   "A and B as FILE[@tts|@tts-text] (students: 1 step); writes DIR/NAME.md (--name)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available")
     args = p.parse_args(argv)
@@ -548,11 +417,14 @@ def main(argv=None):
                       ("--tts-sigma", args.tts_sigma, 1e-6), ("--sigma-max", args.sigma_max, 1e-6))
         if args.plot:
             return 0 if plot_log(args.plot) else 1
+        if args.run and args.pairs:
+            write_pairs(args.run, parse_pairs(args.pairs), args.num, args.device, args.feature_steps,
+                        args.tts_sigma, args.name if args.name != "report" else "pairs")
+            return 0
         if args.run:
-            write_report(args.run, args.num or 500, args.device, args.feature_steps, args.max_steps, args.tts_sigma,
+            write_report(args.run, args.num, args.device, args.feature_steps, args.max_steps, args.tts_sigma,
                          args.sigma_max, args.name, args.models.split(",") if args.models else None)
             return 0
-        args.num = args.num or 1000
         if not args.sanity and not args.fake:
             raise UserError("give --fake PATH (a folder of generated videos), or --sanity")
         if args.i3d:
@@ -567,28 +439,35 @@ def main(argv=None):
             sanity(args, features)
             return 0
         real, real_names = load_set(args.real, args.num, args.size, args.frames)
-        fake, fake_names = load_set(args.fake, args.num, args.size, args.frames)
-        f_real, f_fake = extract(features, real), extract(features, fake)
-        n, dim = min(len(f_real), len(f_fake)), f_real.shape[1]
-        if n < 2:
-            raise UserError(f"{len(real)} real and {len(fake)} generated videos: a Fréchet distance needs "
-                            f"at least 2 of each (it compares covariances)")
-        if n <= dim:
-            print(f"note: {n} videos for {dim} features: the covariances are singular, so the distance is "
-                  f"biased and its interval unreliable; use more than {dim} videos per set")
-        fd, lo, hi = fd_interval(f_real, f_fake)
-        # the conditioning frame of a generated video is the first frame of the real video of the same
-        # name; numbers match numbers (000123.mp4 is synthetic test clip 123)
         key = lambda name: str(int(name)) if name.isdigit() else name         # noqa: E731
-        by_name = {key(n): v[0] for n, v in zip(real_names, real)}
-        cond = (torch.stack([by_name[key(n)] for n in fake_names])
-                if all(key(n) in by_name for n in fake_names) else None)
-        d = diagnostics(fake, real, cond)
-        print(f"{args.metric_name} {fd:.3f}  95% bootstrap interval [{lo:.3f}, {hi:.3f}]  "
-              f"({len(real)} real, {len(fake)} generated videos)")
-        print(f"static-video rate {d['static_rate']:.3f}, motion relative to real {d['motion_ratio']:.3f}, "
-              + (f"first-frame PSNR {d['first_frame_psnr']:.2f} dB" if cond is not None
-                 else "first-frame PSNR n/a (generated files are not named after real ones)"))
+        by_name = {key(n): i for i, n in enumerate(real_names)}
+        sets = []
+        for src in args.fake:
+            fake, fake_names = load_set(src, args.num, args.size, args.frames)
+            if min(len(real), len(fake)) < 2:
+                raise UserError(f"{len(real)} real and {len(fake)} generated videos in {src}: a Fréchet distance "
+                                f"needs at least 2 of each (it compares covariances)")
+            # the conditioning frame of a generated video is the first frame of the real video of the same
+            # name; numbers match numbers (000123.mp4 is synthetic test clip 123)
+            match = [by_name.get(key(n)) for n in fake_names]
+            sets.append([src, fake, fake_names, None if None in match else match])
+        f_real = extract(features, real)                                # every set read: now the features
+        for s in sets:
+            s.append(extract(features, s[1]))
+        for src, fake, _, match, f_fake in sets:
+            n, dim = min(len(f_real), len(f_fake)), f_real.shape[1]
+            if n <= dim:
+                print(f"note: {n} videos for {dim} features: the covariances are singular, so the distance is "
+                      f"biased and its interval unreliable; use more than {dim} videos per set")
+            fd, lo, hi = fd_interval(f_real, f_fake)
+            d = diagnostics(fake, real, real[match, 0] if match else None)
+            print(f"{src}: {args.metric_name} {fd:.3f}  95% bootstrap interval [{lo:.3f}, {hi:.3f}]  "
+                  f"({len(real)} real, {len(fake)} generated videos)")
+            print(f"  static-video rate {d['static_rate']:.3f}, motion relative to real {d['motion_ratio']:.3f}, "
+                  + (f"first-frame PSNR {d['first_frame_psnr']:.2f} dB" if match
+                     else "first-frame PSNR n/a (generated files are not named after real ones)"))
+        if len(sets) > 1:
+            compare_sets(f_real, sets, args.metric_name)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

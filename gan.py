@@ -8,10 +8,10 @@ t_n of the 100-point grid straight to a clean latent. Its loss pulls that toward
     L_g1 = 0.1 * ReLU(1 - disc(f_theta(x_tn, t_n))) + d(x_0, f_theta(x_tn, t_n))        (OSV, Stage 1)
     L_d1 = ReLU(1 - disc(x_0)) + ReLU(1 + disc(f_theta(x_tn, t_n)))
 
-Two choices the paper leaves open, both measured (docs/experiments.md): which levels t_n are drawn
-(`LGP.draw_levels`: a share at the top level, the rest uniform), and which fakes meet the
-discriminator (`LGP.meets_disc`: only those from levels >= adv_min_sigma, sample by sample; 0 is
-the paper's form).
+Two choices the paper leaves open, both decided on the paired ruler (docs/experiments.md): which levels
+t_n are drawn (`LGP.draw_levels`: uniform on the grid as the paper, or a share at the top level by
+--stage1-top), and which fakes meet the discriminator (`LGP.meets_disc`: ours, only those from levels
+>= adv_min_sigma, sample by sample; 0 is the paper's form, worse on both seeds).
 
 Read first: `LGP.step`, then `setup_stage1` (what `python train.py --stage 1` builds).
 """

@@ -26,7 +26,7 @@ from autoencoder import AEConfig, AutoEncoder
 from data import (Parser, SyntheticVideos, UserError, check_numbers, frame_size, load_image, parse_size,
                   write_video)
 from lora import load_trained, merge_lora, to_student
-from unet import Denoiser, UNetConfig
+from unet import Denoiser, UNetConfig, scalings
 
 
 def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -92,7 +92,7 @@ def sample_consistency(f, x, sigmas, generator=None):
 
 
 @torch.no_grad()
-def sample_tts(f, x, sigma_T, sigma_s, generator=None):
+def sample_tts(f, x, sigma_T, sigma_s, generator=None, text_scalings=None):
     """The Time Travel Sampler: one step of quality for two calls (our reading of OSV Eq. 13; the text
     we have is garbled; docs/paper.md, "Sampling"). From x at the top level T:
       1. f_A = f(x, T)                                    call 1, the one-step prediction
@@ -103,12 +103,28 @@ def sample_tts(f, x, sigma_T, sigma_s, generator=None):
     correct. Ours: / sqrt(2), not the text's / 2, keeps unit variance for independent e_0 and e_A, so
     x_s really is at level s. The text's last step re-reads the second call's raw output through the
     scalings at T; in SVD's v-parametrisation that equals f(x_s, s) up to O(1 / sigma_s^2) for large s
-    and is no estimate of x_0 for small s, so we return f(x_s, s). s is ours (docs/experiments.md)."""
+    and is no estimate of x_0 for small s, so we return f(x_s, s). With `text_scalings` (sigma -> c_skip,
+    c_out of f): the text as written, `sample_tts_text`. s is ours (docs/experiments.md)."""
     f_A = f(x, sigma_T)
     e_A = (x - f_A) / sigma_T
     e_0 = torch.randn(x.shape, generator=generator).to(x.device)
+    if text_scalings is not None:
+        return sample_tts_text(f, sigma_T, sigma_s, f_A, e_A, e_0, text_scalings), 2
     x_s = f_A + sigma_s * (e_0 + e_A) / 2 ** 0.5
     return f(x_s, sigma_s), 2
+
+
+def sample_tts_text(f, sigma_T, sigma_s, f_A, e_A, e_0, scalings):
+    """Steps 2-4 of Eq. (13) as the text reads (docs/paper.md): x_s = f_A + s (e_0 + e_A) / 2; the
+    second call's raw output F_B, recovered from f_B = c_skip(s) x_s + c_out(s) F_B; then re-read
+    through the scalings at T: c_skip(T) (f_B + T e_B) + c_out(T) F_B, e_B = (e_0 + (x_s - f_B) / s) / 2."""
+    x_s = f_A + sigma_s * (e_0 + e_A) / 2
+    f_B = f(x_s, sigma_s)
+    skip_s, out_s = scalings(sigma_s)
+    F_B = (f_B - skip_s * x_s) / out_s
+    e_B = (e_0 + (x_s - f_B) / sigma_s) / 2
+    skip_T, out_T = scalings(sigma_T)
+    return skip_T * (f_B + sigma_T * e_B) + out_T * F_B
 
 
 def consistency_sigmas(steps, grid):
@@ -119,7 +135,8 @@ def consistency_sigmas(steps, grid):
     return torch.cat([grid[idx], torch.zeros(1, dtype=grid.dtype, device=grid.device)])
 
 
-SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "consistency": sample_consistency, "tts": sample_tts}
+SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "consistency": sample_consistency, "tts": sample_tts,
+            "tts-text": sample_tts}
 TTS_SIGMA = 0.5         # the Time Travel Sampler's level s (ours; 0.25 to 2 all help: docs/experiments.md)
 
 
@@ -152,22 +169,23 @@ def generate(denoiser, cond, num_frames, steps, scale=1.0, sampler="heun", sigma
              sigma_max=80.0, seed=0, grid_size=100, tts_sigma=TTS_SIGMA, noise=None, svd_init=False):
     """Latent videos (B, T, c, h, w) from the conditioning, and the NFE per video. The ODE samplers use
     Karras levels; the consistency samplers use levels of the students' training grid (`sigma_grid`).
-    sampler "tts": the Time Travel Sampler (steps must be 1). The start is unit noise (drawn from
+    sampler "tts": the Time Travel Sampler (steps must be 1); "tts-text": Eq. (13) as the text reads. The start is unit noise (drawn from
     `seed`, or `noise`) times the top level (EDM), or sqrt(1 + top^2) with svd_init (SVD's sampler)."""
     B, c, h, w = cond["concat"].shape
     dev = cond["concat"].device
     g = torch.Generator(device="cpu").manual_seed(seed)
-    if sampler in ("consistency", "tts"):
+    if sampler in ("consistency", "tts", "tts-text"):
         sigmas = consistency_sigmas(steps, sigma_grid(grid_size, sigma_min, sigma_max)).to(dev)
     else:
         sigmas = karras_sigmas(steps, sigma_min, sigma_max).to(dev, torch.float32)
     z = torch.randn(B, num_frames, c, h, w, generator=g) if noise is None else noise.cpu()
     x = (z * (svd.init_noise_scale(sigmas[0].item()) if svd_init else sigmas[0].item())).to(dev)   # EDM: sigma_max z
     D, passes = guided(denoiser, cond, scale)
-    if sampler == "tts":
+    if sampler in ("tts", "tts-text"):
         if steps != 1:
             raise UserError("the Time Travel Sampler is a one-step sampler: use --steps 1")
-        x, calls = sample_tts(D, x, sigmas[0], torch.tensor(tts_sigma, device=dev), g)
+        text = (lambda s: scalings(s, denoiser.sigma_data, denoiser.sigma_min)[:2]) if sampler == "tts-text" else None  # noqa: E731,E501
+        x, calls = sample_tts(D, x, sigmas[0], torch.tensor(tts_sigma, device=dev), g, text)
     elif sampler == "consistency":
         x, calls = sample_consistency(D, x, sigmas, g)
     else:
@@ -300,7 +318,7 @@ def main(argv=None):
         a.steps = a.steps or (cfg["sample_steps"] if teacher else 1)
         a.sampler = "tts" if a.tts else a.sampler or ("consistency" if not teacher else "euler" if real_svd else "heun")
         a.cfg = a.cfg if a.cfg is not None else (cfg["cfg_max"] if teacher else 1.0)
-        if a.sampler in ("consistency", "tts") and teacher:
+        if a.sampler in ("consistency", "tts", "tts-text") and teacher:
             raise UserError(f"the {a.sampler} sampler needs a student (stage 1 or 2 checkpoint), not the teacher")
         size, T = a.size or frame_size(cfg.get("size"), cfg["image_size"]), a.frames or cfg["num_frames"]
         if a.image:

@@ -11,7 +11,7 @@ import torch
 
 import sample
 import train
-from distill import ACD, acd_pair, jump_levels, teacher_solve
+from distill import ACD, acd_pair, distill_weight, jump_levels, teacher_solve
 from gan import pseudo_huber
 from sample import cfg_scale, generate, karras_sigmas, sample_euler, sigma_grid
 
@@ -189,7 +189,8 @@ def test_stage2_smoke_run_and_samplers(tiny_run, tmp_path, capsys, fast_args, mi
     assert set(ck["models"]) == {"student", "disc"} and set(ck["ema"]) == {"student"} and ck["init"] == "stage1.pt"
     f, ae, cfg, stage = sample.load_model(os.path.join(out, "stage2.pt"))
     b = {"concat": torch.randn(2, 4, 8, 8), "image": torch.randn(2, 4, 8, 8), "micro": torch.ones(2, 3)}
-    for sampler, steps, nfe in (("consistency", 1, 1), ("tts", 1, 2), ("consistency", 2, 2), ("consistency", 4, 4)):
+    for sampler, steps, nfe in (("consistency", 1, 1), ("tts", 1, 2), ("tts-text", 1, 2), ("consistency", 2, 2),
+                                ("consistency", 4, 4)):
         assert generate(f, b, 8, steps, 1.0, sampler)[1] == nfe
     capsys.readouterr()
     assert sample.main(["--ckpt", os.path.join(out, "stage2.pt"), "--index", "1", "--steps", "1", "--tts",
@@ -272,3 +273,15 @@ def test_stage2_resume_is_exact_and_checkpoints_hold_the_adapters(tiny_run, tmp_
     student = ca["models"]["student"]
     assert ca["base"] == "teacher.pt" and not set(student) & set(teacher)      # the base is not stored again
     assert any(k.endswith("time_mixer.delta") for k in student) and any(k.endswith(".A.weight") for k in student)
+
+
+def test_lambda_of_t_ict_or_uniform(tmp_path, capsys):
+    """lambda(t_n): iCT's 1 / (t_{n+m} - t_n), scaled to mean 1 over the grid's uniform jumps; or 1."""
+    grid, m = sigma_grid(100, 0.002, 8.0), 5
+    t_n, t_nm = grid[:-m], grid[m:]                                 # every uniform jump, n + m <= N - 1
+    lam = distill_weight(t_n, t_nm, "ict", grid, m)
+    assert torch.allclose(lam.mean(), torch.tensor(1.0, dtype=lam.dtype)) and torch.allclose(lam * (t_nm - t_n), lam[0] * (t_nm[0] - t_n[0]))
+    assert lam[0] > 100 * lam[-1]                                   # largest just above sigma_min
+    assert torch.equal(distill_weight(t_n, t_nm, "uniform"), torch.ones_like(t_n))
+    assert train.main(["--stage", "2", "--distill-weight", "icT", "--out", str(tmp_path / "r")]) == 2
+    assert "--distill-weight 'icT': use ict or uniform" in capsys.readouterr().err

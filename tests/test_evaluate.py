@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import evaluate
+import metric
 from data import SyntheticVideos, UserError, write_video
-from evaluate import (I3D, blurred, diagnostics, extract, fd_interval, frechet_distance,
-                      gaussian_stats, shuffled, static)
+from evaluate import blurred, diagnostics, shuffled, static
+from metric import I3D, compare, extract, fd_interval, frechet_distance, gaussian_stats, paired_fd
 
 
 def random_rotation(d, g):
@@ -52,19 +53,38 @@ def test_frechet_distance_from_samples():
     assert lo < fd < hi and lo < expected < hi
 
 
+def test_the_paired_bootstrap_resolves_what_single_intervals_cannot():
+    """Rows that share clips: a small true shift is "worse" on the paired ruler, though each row's own
+    interval overlaps the other's; identical rows differ by exactly 0 and are "not resolved"."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 8, generator=g)
+    a = real + 0.5 * torch.randn(400, 8, generator=g)           # a model: each video near its own clip
+    b = a + 0.1                                                  # the same videos, slightly shifted
+    fd, boot = paired_fd(real, [a, b, a.clone()])
+    worse = compare(fd, boot, 1, 0)
+    assert worse["verdict"] == "worse" and worse["diff"][1] > 0 and worse["ratio"][1] > 1
+    assert compare(fd, boot, 0, 1)["verdict"] == "better"
+    same = compare(fd, boot, 2, 0)
+    assert same["diff"] == (0.0, 0.0, 0.0) and same["ratio"] == (1.0, 1.0, 1.0) and same["verdict"] == "not resolved"
+    (_, _, hi_a), (_, lo_b, _) = fd_interval(real, a), fd_interval(real, b)
+    assert lo_b < hi_a                                           # each set resampled on its own: overlap
+    with pytest.raises(UserError, match="one video per clip"):
+        paired_fd(real, [a[:10]])
+
+
 @pytest.fixture(scope="module")
 def small_net(tmp_path_factory):
     """A briefly trained FVD-syn network at tiny sizes (the real one trains for 1,500 steps)."""
     path = str(tmp_path_factory.mktemp("fvd") / "net.pt")
-    return evaluate.train_feature_net("synthetic", 32, 8, path, steps=300, batch_size=16), path
+    return metric.train_feature_net("synthetic", 32, 8, path, steps=300, batch_size=16), path
 
 
 @pytest.mark.parametrize("steps", [3, 20])       # 20: where a 5% warm-up would end at step 0
 def test_the_feature_net_trains_for_any_number_of_steps(tmp_path, steps):
-    net = evaluate.train_feature_net("synthetic", 32, 8, str(tmp_path / "net.pt"), steps=steps, batch_size=2)
+    net = metric.train_feature_net("synthetic", 32, 8, str(tmp_path / "net.pt"), steps=steps, batch_size=2)
     assert os.path.isfile(tmp_path / "net.pt") and all(p.isfinite().all() for p in net.parameters())
     with pytest.raises(UserError, match="at least 3"):
-        evaluate.train_feature_net("synthetic", 32, 8, str(tmp_path / "net2.pt"), steps=2)
+        metric.train_feature_net("synthetic", 32, 8, str(tmp_path / "net2.pt"), steps=2)
 
 
 def test_ruler_orders_real_static_shuffled_blurred(small_net):
@@ -81,8 +101,8 @@ def test_ruler_orders_real_static_shuffled_blurred(small_net):
 
 def test_feature_net_cache(small_net, monkeypatch):
     net, path = small_net
-    monkeypatch.setattr(evaluate, "train_feature_net", lambda *a, **k: pytest.fail("trained again"))
-    again = evaluate.load_feature_net(path, "synthetic", 32, 8)
+    monkeypatch.setattr(metric, "train_feature_net", lambda *a, **k: pytest.fail("trained again"))
+    again = metric.load_feature_net(path, "synthetic", 32, 8)
     v = SyntheticVideos(32, 8, "test").batch(range(4))["video"]
     assert torch.allclose(again(v), net(v), atol=1e-5)
     assert again(v).shape == (4, 160)
@@ -141,6 +161,17 @@ def test_i3d_path_and_cli(tmp_path, capsys):
     # the synthetic test split as the real set: files named by test index pair with it
     assert evaluate.main(["--real", "synthetic", "--fake", str(fake), "--i3d", stub, "--num", "12"]) == 0
     assert "n/a" not in capsys.readouterr().out
+    # several sets: each later one against the first on the paired ruler (the real set resampled with them)
+    assert evaluate.main(["--real", str(real), "--fake", str(fake), "--fake", str(real), "--i3d", stub,
+                          "--num", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "the real set resampled with them" in out
+    assert re.search(rf"{re.escape(str(real))}: FVD difference -[\d.]+ \[-[\d.]+, -[\d.]+\], ratio .*: better", out)
+    other = tmp_path / "other"
+    write_video(str(other / "a.mp4"), v[0], scale=1)
+    write_video(str(other / "b.mp4"), v[1], scale=1)
+    assert evaluate.main(["--real", str(real), "--fake", str(fake), "--fake", str(other), "--i3d", stub]) == 2
+    assert "the same file names in every --fake folder" in capsys.readouterr().err
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -170,6 +170,30 @@ def test_time_travel_sampler_exact_arithmetic():
     assert (other - out).abs().max() > 1e-3                       # the fresh noise enters the result
 
 
+
+def test_time_travel_sampler_as_the_text_reads():
+    """Eq. (13) as written (docs/paper.md): x_s = f_A + s (e_0 + e_A) / 2; the second call's raw output
+    F_B, recovered from f_B through the scalings at s, is re-read through the scalings at T:
+    c_skip(T) (f_B + T e_B) + c_out(T) F_B with e_B = (e_0 + (x_s - f_B) / s) / 2."""
+    skip = lambda sig: 1 / (sig ** 2 + 1)                                     # noqa: E731
+    out_ = lambda sig: -sig / (sig ** 2 + 1).sqrt()                           # noqa: E731
+    F_raw = lambda x, sig: torch.sin(x) * (1 + sig)                           # noqa: E731, a known network
+
+    def f(x, sigma):
+        return skip(sigma) * x + out_(sigma) * F_raw(x, sigma)
+
+    x = torch.randn(2, 4, 2, 3, 3, dtype=torch.float64) * 8
+    T, s = torch.tensor(8.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    out, n = sample_tts(f, x, T, s, torch.Generator().manual_seed(5), text_scalings=lambda sig: (skip(sig), out_(sig)))
+    e_0 = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).double()
+    f_A = f(x, T)
+    x_s = f_A + 0.5 * (e_0 + (x - f_A) / 8) / 2
+    f_B = f(x_s, s)
+    e_B = (e_0 + (x_s - f_B) / 0.5) / 2
+    assert n == 2 and torch.allclose(out, skip(T) * (f_B + 8 * e_B) + out_(T) * F_raw(x_s, s), rtol=0, atol=1e-9)
+    ours, _ = sample_tts(f, x, T, s, torch.Generator().manual_seed(5))
+    assert (ours - out).abs().max() > 1e-2                        # ours is another sampler
+
 def test_a_models_defaults_for_an_image_are_its_training_clips_medians(tiny_run):
     """sample.py conditions an --image on the fps and motion the model trained on, not on constants."""
     from data import SyntheticVideos

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -114,6 +115,13 @@ def test_stage_all_end_to_end_and_kept(tmp_path, capsys, fast_args, micro_args):
         assert row in report, row
     ratios = report.split("## Against the teacher's 25 steps")[1]
     assert "| OSV + TTS | 1 | 2 |" in ratios and "teacher, Euler" not in ratios
+    # paired: each row's difference to its table's reference, with a verdict; the floor at this N
+    cells = [[c.strip() for c in x.strip("|").split("|")] for x in report.split("## Table 2")[0].splitlines()]
+    rows = {(c[0], c[1]): c for c in cells if len(c) == 10}
+    assert rows[("teacher, Euler + CFG", "25")][4] == "reference"
+    assert rows[("OSV + TTS", "1")][5] in ("better", "worse", "not resolved")
+    assert re.search(r"\| OSV \+ TTS \| 1 \| 2 \| [\d.]+x \[[\d.-]+, [\d.-]+\]x \|", ratios)
+    assert "these 6 real clips against the next 6 give FVD-syn" in report
     assert train.main(args) == 0
     printed = capsys.readouterr().out
     assert printed.count("kept the finished") == 4 and "Table 2: ablations" in printed
@@ -122,7 +130,16 @@ def test_stage_all_end_to_end_and_kept(tmp_path, capsys, fast_args, micro_args):
     assert evaluate.main(["--run", out, "--num", "6", "--feature-steps", "5", "--models", "stage2.pt",
                           "--max-steps", "1", "--tts-sigma", "2.0", "--name", "tts2"]) == 0
     tts = open(os.path.join(out, "tts2.md")).read()
-    assert "TTS level s = 2.0" in tts and "teacher" not in tts.split("## Table 1")[1]
+    assert "TTS level s = 2.0" in tts and "| teacher" not in tts.split("## Table 1")[1]
+    assert "| OSV + TTS | 1 | 2 |" in tts and "not measured" in tts       # no teacher: no difference to it
+    # --pairs: each checkpoint against its own reference, on the same paired clips
+    assert evaluate.main(["--run", out, "--num", "6", "--feature-steps", "5", "--pairs",
+                          "stage2.pt@tts:stage2.pt,stage2.pt@tts-text:stage2.pt@tts,stage1.pt:teacher.pt"]) == 0
+    pairs = open(os.path.join(out, "pairs.md")).read()
+    for row in ("| stage2.pt @tts | stage2.pt |", "| stage2.pt @tts-text | stage2.pt @tts |", "| stage1.pt | teacher.pt |"):
+        assert row in pairs, row
+    assert evaluate.main(["--run", out, "--pairs", "stage2.pt"]) == 2
+    assert "write ROW:REFERENCE" in capsys.readouterr().err
     quality = lambda text: next(x for x in text.splitlines() if x.startswith("| OSV + TTS |")).split("|")[4:6]  # noqa
     assert quality(tts) != quality(report)                         # another level s: another FVD-syn and PSNR
     assert open(os.path.join(out, "report.md")).read() == report   # the main report is untouched
@@ -363,7 +380,7 @@ def test_every_flag_has_a_help_line_and_shows_its_default(capsys):
     out = capsys.readouterr().out
     for group in ("data:", "autoencoder", "teacher", "Stage 1", "Stage 2", "the loop"):
         assert group in out
-    assert "--stage1-top FLOAT" in out and "(default: 0.5)" in out
+    assert "--stage1-top FLOAT" in out and "(default: 0.0)" in out and "(default: 1.0)" in out
 
 
 def test_a_run_folder_remembers_its_data_and_sizes(tmp_path, capsys, fast_args, micro_args):
