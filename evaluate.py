@@ -254,7 +254,7 @@ def write_report(run_dir, num=1000, device="cpu", feature_steps=1500, max_steps=
                 lines.append(f"| {label} | {key[1]} | {d['nfe']} | {ci(*vs['ratio'], unit='x')} | "
                              f"{ci(*vs['diff'], signed=True)} | {vs['verdict']} | "
                              f"{m['info'][TEACHER_25]['ms'] / d['ms']:.1f}x |")
-    shown = {("teacher.pt", 25, "ramp", "euler"): "teacher 25 steps", ("teacher.pt", 1, "ramp", "euler"): "teacher 1 step",
+    shown = {TEACHER_25: "teacher 25 steps", ("teacher.pt", 1, "ramp", "euler"): "teacher 1 step",
              FULL_MODEL: "OSV 1 step + TTS"}
     shown = {k: v for k, v in shown.items() if k in at}
     T = m["cfg"]["num_frames"]
