@@ -114,6 +114,19 @@ PRESETS = {
                   teacher_lr=2e-4, sample_every=2000, ckpt_every=2000),
 }
 STAGES = ["ae", "teacher", "1", "2"]                    # the pipeline, in order
+
+# The paper's Table 2 (docs/paper.md, "Results"): every ablation that trains, as a tagged run on the
+# run's autoencoder and teacher (`python train.py --stage ablations`). tag: (the paper's row, the
+# stages it trains, what it changes). (c) "no Stage 2" and (f) "CFG at inference" train nothing: the
+# report samples stage1.pt, and stage2.pt with CFG. A Stage 2 ablation starts from the run's stage1.pt.
+ABLATIONS = {
+    "m1": ("a", ("2",), {"m": 1}),                          # the teacher solves 1 grid step, not 5
+    "no-stage1": ("b", ("2",), {"from_teacher": True}),     # ACD from the teacher: fresh LoRA and disc
+    # no adversarial loss in either stage: Stage 1 is pseudo-Huber regression to the real latent alone
+    # (ours: the paper names only the Stage 2 terms it keeps), Stage 2 consistency distillation alone
+    "no-adv": ("d", ("1", "2"), {"lambda_adv": 0.0}),
+    "decoded": ("e", ("1", "2"), {"disc_input": "decoded"}),  # disc on VAE-decoded frames, both stages
+}
 PREFIX = {"ae": "ae", "teacher": "teacher", "1": "stage1", "2": "stage2"}   # config-field prefixes
 # fields that may change when a run is resumed; anything else must match the checkpoint
 RUN_FIELDS = {"device", "dtype", "compile", "grad_checkpoint", "grad_accum", "cache_clips", "workers", "log_every",

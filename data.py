@@ -377,11 +377,20 @@ class FixedMotion:
         return {**b, "motion": torch.full_like(b["motion"], self.value)}
 
 
-def _atomic_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
+def save_atomic(obj, path, text=False):
+    """torch.save(obj) (or a string, text=True) to path through a temporary file and a rename: a crash
+    mid-write never leaves a half-written file, and the name is unique to this process."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if text:
+        with open(tmp, "w") as f:
+            f.write(obj)
+    else:
+        torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _atomic_json(path, obj):
+    save_atomic(json.dumps(obj), path, text=True)
 
 
 # ----------------------------------------------------------------------------------------------

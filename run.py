@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import FixedMotion, SyntheticVideos, UserError, VideoFolder, frame_size, write_video
+from data import FixedMotion, SyntheticVideos, UserError, VideoFolder, frame_size, save_atomic, write_video
 from evaluate import diagnostics
 from sample import generate
 
@@ -145,16 +145,6 @@ class Run:
     def close(self):
         if getattr(self, "locked", None) and os.path.isfile(self.locked):
             os.remove(self.locked)
-
-
-def save_atomic(obj, path, text=False):
-    tmp = f"{path}.{os.getpid()}.tmp"                 # unique: never another process's half-written file
-    if text:
-        with open(tmp, "w") as f:
-            f.write(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)            # a crash mid-write never leaves a half-written checkpoint
 
 
 # what a run folder is made from: its first command stores these in run.json, later commands inherit them

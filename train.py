@@ -2,6 +2,7 @@
 
     python train.py --stage ae           # the latent autoencoder (autoencoder.py); also teacher, 1, 2
     python train.py --stage all          # ae, teacher, 1, 2 in order (finished ones kept), then the report
+    python train.py --stage ablations    # the paper's Table 2: each ablation a tagged run, then the report
     python train.py --stage latents      # encode the training clips once (latents.py); the stages read them
     python train.py --bench --svd random:svd-xt --size 320x576 --frames 14      # memory and time (bench.py)
     torchrun --nproc_per_node=2 train.py --stage ae     # DistributedDataParallel, gloo on CPU
@@ -49,7 +50,7 @@ import lora
 import svd
 import unet
 from autoencoder import AEConfig, AutoEncoder, ae_loss, measure_scale_factor, psnr
-from config import PREFIX, PRESETS, RUN_FIELDS, STAGES, Config, check, flag_help
+from config import ABLATIONS, PREFIX, PRESETS, RUN_FIELDS, STAGES, Config, check, flag_help
 from data import Parser, StepBatches, UserError, write_video
 from evaluate import write_report
 from run import RUN_DEFINING, Run, inherit, save_atomic, stage_checks
@@ -181,8 +182,8 @@ def setup_stage2(cfg, run):
     teacher, ucfg = finished(run, "teacher")
     stage1, init = None, "teacher"
     if not cfg.from_teacher:
-        path = ckpt_path(run, "1")
-        path = path if os.path.isfile(path) else ckpt_path(run, "1", tag="")     # a tag's own Stage 1, if any
+        path = ckpt_path(run, "1")          # a tag's own Stage 1, if any, else the run's (or the seed's)
+        path = path if os.path.isfile(path) else ckpt_path(run, "1", tag=getattr(run, "stage1_tag", ""))
         stage1 = load_checkpoint(path, "1", f"python train.py --stage 1 --out {shlex.quote(run.out)}")
         init = os.path.basename(path)
     parts = distill.setup_stage2(cfg, ae, teacher, stage1, run.device, run.ptdtype)
@@ -380,6 +381,27 @@ def train_stage(name, cfg, run, mode):
         print(f"stage {name}: done, {path}")
 
 
+def train_ablations(cfg, run, mode):
+    """`python train.py --stage ablations`: the paper's Table 2. The full model's Stage 1 and 2 (kept when
+    finished), then each ablation of config.ABLATIONS as a tagged run on the same autoencoder and teacher;
+    a Stage 2 ablation starts from the full model's Stage 1. With --seed S (not 0), the second seed of
+    both arms: the full model as tag seedS, every ablation as TAG-seedS starting from seedS's Stage 1."""
+    if run.ddp:
+        raise UserError("--stage ablations runs in one process: start it with python, not torchrun")
+    full = f"seed{cfg.seed}" if cfg.seed else ""
+    run.stage1_tag = full
+    for tag, stages, change in [(full, ("1", "2"), {})] + [
+            (t + (f"-{full}" if full else ""), st, ch) for t, (_, st, ch) in ABLATIONS.items()]:
+        run.tag = tag
+        if run.master:
+            print(f"ablations: {'the full model' if not change else tag}"
+                  + (f" ({', '.join(f'{k}={v}' for k, v in change.items())})" if change else "")
+                  + f", stage {' and '.join(stages)}" + (f", tag {tag}" if tag else ""))
+        for s in stages:
+            train_stage(s, dataclasses.replace(cfg, **change), run, mode)
+    run.tag = ""
+
+
 def step_loader(cfg, run, data, B, first, last):
     """Batches first .. last - 1 of `data` (batch s: clips s*B .. s*B+B-1, this rank's share), read in
     worker processes (folder videos, the latent cache; pinned for CUDA) or, for the synthetic clips
@@ -438,8 +460,10 @@ def check_replicas(models):
 def make_parser():
     p = Parser(description="Train a stage of OSV (see README.md). Every flag below the first group is a field "
                "of config.py, whose comments say where each default comes from.")
-    p.add_argument("--stage", choices=STAGES + ["all", "latents"], help="ae, teacher, 1 or 2: that stage; all: "
-                   "every stage (finished ones kept), then the report; latents: encode the clips once (latents.py)")
+    p.add_argument("--stage", choices=STAGES + ["all", "ablations", "latents"], help="ae, teacher, 1 or 2: that "
+                   "stage; all: every stage (finished ones kept), then the report; ablations: the paper's Table 2, "
+                   "each ablation a tagged run (finished ones kept), then the report; latents: encode the clips "
+                   "once (latents.py)")
     p.add_argument("--bench", action="store_true", help="time Stage 1 and 2 on a random SVD (bench.py): "
                    "--svd random:svd-xt --size 320x576 --frames 14")
     p.add_argument("--bench-steps", type=int, default=3, help="--bench: timed steps per stage (0: the weights held)")
@@ -517,7 +541,8 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stages = (["1", "2"] if args.svd else STAGES) if args.stage == "all" else [args.stage]
+    stages = ((["1", "2"] if args.svd else STAGES) if args.stage == "all" else ["1", "2"] if args.stage == "ablations"
+              else [args.stage])
     cfg = make_config(args, [s for s in stages if s in PREFIX])
     if threading.current_thread() is threading.main_thread():    # SIGTERM outside the steps: as Ctrl-C
         term = signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
@@ -525,6 +550,8 @@ def main(argv=None):
         check(cfg)                              # every impossible value, before any work
         if args.bench:
             return bench.main(cfg, args.bench_steps)
+        if args.tag and args.stage == "ablations":
+            raise UserError("--stage ablations names its own tags (config.ABLATIONS): leave out --tag")
         if args.tag and not args.tag.replace("-", "").isalnum():
             raise UserError(f"--tag {args.tag!r}: use letters, digits and dashes")
         if args.svd and args.stage in ("ae", "teacher"):
@@ -533,12 +560,16 @@ def main(argv=None):
         if run.master and not os.path.isfile(os.path.join(args.out, "run.json")):
             made = {k: args.preset or "tiny" if k == "preset" else getattr(cfg, k) for k in RUN_DEFINING}
             save_atomic(json.dumps(made, indent=1), os.path.join(args.out, "run.json"), text=True)
-        mode = "fresh" if args.fresh else "resume" if args.resume else "keep" if args.stage == "all" else "new"
-        for s in stages:
-            encode_latents(cfg, run, args.fresh) if s == "latents" else train_stage(s, cfg, run, mode)
-        if args.stage == "all" and run.master and not cfg.data and not cfg.size:
+        keep = args.stage in ("all", "ablations")       # these keep finished stages, resume unfinished ones
+        mode = "fresh" if args.fresh else "resume" if args.resume else "keep" if keep else "new"
+        if args.stage == "ablations":
+            train_ablations(cfg, run, mode)
+        else:
+            for s in stages:
+                encode_latents(cfg, run, args.fresh) if s == "latents" else train_stage(s, cfg, run, mode)
+        if keep and run.master and not cfg.data and not cfg.size:
             write_report(args.out, cfg.report_clips, str(run.device), cfg.feature_steps)
-        elif args.stage == "all" and run.master:
+        elif keep and run.master:
             print("report: the replication report measures square synthetic runs; for a folder of videos "
                   "or another --size compare samples with `python evaluate.py --real FOLDER --fake SAMPLES`")
     except UserError as e:
@@ -549,7 +580,7 @@ def main(argv=None):
         return 1
     except (Interrupted, KeyboardInterrupt) as e:
         what = str(e) if isinstance(e, Interrupted) else "interrupted; finished stages and the last checkpoint are kept"
-        print(f"{what}. Resume with: {resume_command(argv, args.stage == 'all')}", file=sys.stderr)
+        print(f"{what}. Resume with: {resume_command(argv, args.stage in ('all', 'ablations'))}", file=sys.stderr)
         return 130
     finally:
         if term is not None:

@@ -72,6 +72,35 @@ def test_the_paired_bootstrap_resolves_what_single_intervals_cannot():
         paired_fd(real, [a[:10]])
 
 
+def test_the_ratio_interval_excludes_1_exactly_where_the_difference_excludes_0():
+    """The ratio's interval is the difference's divided by the reference: the two columns of a report
+    can never disagree. Two models of one quality, one scaled by `shift`: near the resolution limit
+    some pairs are resolved and some are not, and the two columns agree on every one."""
+    said = set()
+    for shift in (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, -0.1, -0.2):
+        g = torch.Generator().manual_seed(3)
+        real = torch.randn(300, 8, generator=g, dtype=torch.float64)
+        a, b = (real + 0.7 * torch.randn(300, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        fd, boot = paired_fd(real, [a, b * (1 + shift)], n_boot=100)
+        c = compare(fd, boot, 1, 0)
+        (d, d_lo, d_hi), (r, r_lo, r_hi) = c["diff"], c["ratio"]
+        assert r == pytest.approx(fd[1] / fd[0]) and r_lo == pytest.approx(1 + d_lo / fd[0])
+        assert r_hi == pytest.approx(1 + d_hi / fd[0])
+        assert (r_lo > 1 or r_hi < 1) == (d_lo > 0 or d_hi < 0) == (c["verdict"] != "not resolved")
+        said.add(c["verdict"])
+    assert said == {"better", "worse", "not resolved"}
+
+
+def test_the_bias_correction_moves_a_null_distance_toward_0():
+    """Two samples of one Gaussian: the true distance is 0, the estimate is biased upward by the sample
+    size, and the bootstrap's correction (2 FD - mean of the replicates) removes most of that bias."""
+    g = torch.Generator().manual_seed(4)
+    x, y = (torch.randn(300, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    fd, boot = metric.fd_boot(x, y, n_boot=50)
+    corrected = float(metric.bias_corrected(fd, boot))
+    assert boot.mean() > fd > 0 and abs(corrected) < 0.5 * fd
+
+
 @pytest.fixture(scope="module")
 def small_net(tmp_path_factory):
     """A briefly trained FVD-syn network at tiny sizes (the real one trains for 1,500 steps)."""

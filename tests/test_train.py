@@ -111,7 +111,7 @@ def test_stage_all_end_to_end_and_kept(tmp_path, capsys, fast_args, micro_args):
         assert os.path.isfile(os.path.join(out, name)), name
     report = open(os.path.join(out, "report.md")).read()
     for row in ("| teacher, Euler + CFG | 25 | 50 |", "| Stage 1 only (LGP) | 1 | 1 |", "| OSV | 1 | 1 |",
-                "| OSV + TTS | 1 | 2 |", "| OSV | 4 | 4 |", "| CFG 3.0 at inference (1 step, no TTS) | 1 | 2 |"):
+                "| OSV + TTS | 1 | 2 |", "| OSV | 4 | 4 |", "| (f) | CFG 3.0 at inference (1 step, no TTS) | 2 |"):
         assert row in report, row
     ratios = report.split("## Against the teacher's 25 steps")[1]
     assert "| OSV + TTS | 1 | 2 |" in ratios and "teacher, Euler" not in ratios
@@ -124,7 +124,7 @@ def test_stage_all_end_to_end_and_kept(tmp_path, capsys, fast_args, micro_args):
     assert "these 6 real clips against the next 6 give FVD-syn" in report
     assert train.main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.count("kept the finished") == 4 and "Table 2: ablations" in printed
+    assert printed.count("kept the finished") == 4 and "Table 2: the paper's ablations" in printed
     # evaluate.py --run measures a sampler's level on chosen checkpoints, into a report of its own name
     report = open(os.path.join(out, "report.md")).read()
     assert evaluate.main(["--run", out, "--num", "6", "--feature-steps", "5", "--models", "stage2.pt",
@@ -143,6 +143,86 @@ def test_stage_all_end_to_end_and_kept(tmp_path, capsys, fast_args, micro_args):
     quality = lambda text: next(x for x in text.splitlines() if x.startswith("| OSV + TTS |")).split("|")[4:6]  # noqa
     assert quality(tts) != quality(report)                         # another level s: another FVD-syn and PSNR
     assert open(os.path.join(out, "report.md")).read() == report   # the main report is untouched
+
+
+def test_ablations_make_table2_and_rows_are_made_once(tiny_run, tmp_path, monkeypatch, capsys, fast_args, micro_args):
+    """--stage ablations: the full model, then each ablation of the paper's Table 2 as a tagged run, then
+    the report with rows (a) to (f), each with its paired verdict and the paper's direction. A second
+    report generates no row; an interrupted one keeps the rows it made; a checkpoint is loaded once."""
+    out = str(tmp_path / "r")
+    shutil.copytree(tiny_run, out)
+    args = ["--stage", "ablations", "--steps", "2", "--out", out, "--report-clips", "6", "--feature-steps", "5",
+            *micro_args, *fast_args]
+    assert train.main([*args, "--tag", "x"]) == 2
+    assert "names its own tags" in capsys.readouterr().err
+    assert train.main(args) == 0
+    capsys.readouterr()
+    init = {n: torch.load(os.path.join(out, f"stage2{n}.pt"), weights_only=False) for n in ("_m1", "_no-stage1", "_no-adv", "_decoded")}
+    assert {n: c["init"] for n, c in init.items()} == {"_m1": "stage1.pt", "_no-stage1": "teacher", "_no-adv": "stage1_no-adv.pt",
+                                                        "_decoded": "stage1_decoded.pt"}
+    assert init["_m1"]["config"]["m"] == 1 and init["_no-adv"]["config"]["lambda_adv"] == 0
+    assert torch.load(os.path.join(out, "stage1_decoded.pt"), weights_only=False)["config"]["disc_input"] == "decoded"
+    report = open(os.path.join(out, "report.md")).read()
+    table2 = report.split("## Table 2")[1].split("\n## ")[0]
+    for row in "abcdef":
+        assert re.search(rf"^\| \({row}\) \| .+ \| [\d.]+x \[[\d.-]+, [\d.-]+\]x \| [\d.]+x \| "
+                         rf"(reproduced|opposite|not resolved) \|$", table2, re.M), row
+    assert "of the 6 ablations measured reproduce the paper's direction" in table2
+    assert "stage1_no-adv" not in report                  # an ablation's own Stage 1 is no row of its own
+    rows = sorted(os.listdir(os.path.join(out, "rows")))
+    assert len(rows) == 17 and "rows were read" not in report
+
+    real_row, real_load = evaluate.run_row, evaluate.load_model
+    monkeypatch.setattr(evaluate, "run_row", lambda *a, **k: pytest.fail("a row was generated again"))
+    assert evaluate.main(["--run", out, "--num", "6", "--feature-steps", "5"]) == 0
+    again = open(os.path.join(out, "report.md")).read()
+    assert "17 of 17 rows were read from `rows/`" in again
+    strip = lambda text: re.sub(r"\*", "", text.split("## Table 1")[1])              # noqa: E731
+    assert strip(again) == strip(report)                  # the same numbers, every ms marked as measured then
+
+    for name in rows:                                      # stage2.pt's rows are gone: only they are made again
+        if re.match(r"stage2_\d", name):
+            os.remove(os.path.join(out, "rows", name))
+    loads, made = [], []
+    monkeypatch.setattr(evaluate, "load_model", lambda path, *a: loads.append(os.path.basename(path)) or real_load(path, *a))
+
+    def interrupted_row(*a, **k):
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        made.append(1)
+        return real_row(*a, **k)
+    monkeypatch.setattr(evaluate, "run_row", interrupted_row)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.write_report(out, num=6, feature_steps=5)
+    assert len(os.listdir(os.path.join(out, "rows"))) == 17 - 7 + 2          # the two finished rows are kept
+    monkeypatch.setattr(evaluate, "run_row", lambda *a, **k: made.append(1) or real_row(*a, **k))
+    loads.clear()
+    evaluate.write_report(out, num=6, feature_steps=5)
+    assert loads == ["stage2.pt"] and len(made) == 2 + 5 and len(os.listdir(os.path.join(out, "rows"))) == 17
+
+
+def test_ablations_of_a_second_seed_train_both_arms(tiny_run, tmp_path, monkeypatch):
+    """--seed 1: the full model's stages as tag seed1, each ablation as TAG-seed1 starting from seed1's
+    Stage 1; the report pairs each with the full model of its own seed."""
+    plan = []
+    monkeypatch.setattr(train, "train_stage", lambda s, cfg, run, mode: plan.append(
+        (s, run.tag, cfg.seed, cfg.m, cfg.from_teacher, cfg.lambda_adv, cfg.disc_input, run.stage1_tag)))
+    monkeypatch.setattr(train, "write_report", lambda *a, **k: None)
+    assert train.main(["--stage", "ablations", "--seed", "1", "--out", str(tmp_path / "r")]) == 0
+    assert plan == [("1", "seed1", 1, 5, False, 0.1, "latent", "seed1"), ("2", "seed1", 1, 5, False, 0.1, "latent", "seed1"),
+                    ("2", "m1-seed1", 1, 1, False, 0.1, "latent", "seed1"),
+                    ("2", "no-stage1-seed1", 1, 5, True, 0.1, "latent", "seed1"),
+                    ("1", "no-adv-seed1", 1, 5, False, 0.0, "latent", "seed1"),
+                    ("2", "no-adv-seed1", 1, 5, False, 0.0, "latent", "seed1"),
+                    ("1", "decoded-seed1", 1, 5, False, 0.1, "decoded", "seed1"),
+                    ("2", "decoded-seed1", 1, 5, False, 0.1, "decoded", "seed1")]
+    for name in ("stage1.pt", "stage2.pt", "stage1_seed1.pt", "stage2_seed1.pt", "stage2_m1-seed1.pt", "stage2_mine.pt"):
+        open(tmp_path / name, "w").close()
+    rows = evaluate.sampler_rows(str(tmp_path))
+    seed1 = [r for r in rows if r[3] == ("stage2_seed1.pt", 1, None, "tts")]
+    assert [(r[4] or ("", 0))[0] for r in seed1] == ["", "a", "c", "c", "f", "f", "f"]
+    assert ("stage2_m1-seed1.pt", 1, None, "tts") in [r[2] for r in seed1]
+    assert [r[2][0] for r in rows if r[0] == 3] == ["stage2.pt", "stage2_mine.pt"]      # the text's TTS, a user's tag
 
 
 def test_bfloat16_autocast_on_cpu(tmp_path, fast_args):
