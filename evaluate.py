@@ -1,12 +1,12 @@
-"""Evaluation: the replication report (the paper's Tables 1 and 2 on paired rows), diagnostics for
-generated videos, and the command line of the ruler (metric.py: FVD-syn, FVD, the paired bootstrap).
+"""Evaluation: the replication report (the paper's Tables 1 and 2 on paired rows, cached row by row),
+and the command line of the ruler (metric.py: FVD-syn, FVD, the paired bootstrap, the diagnostics).
 
 Every row of a report is generated from the first frames of the same held-out clips with the same
 noise, so two rows can be compared on the *paired* ruler (`metric.paired_fd`): a difference or a ratio
 gets its own 95% interval, and "better" or "worse" is said only where that interval excludes 0.
 
-Read first: `write_report` (what a report holds), `measure` (how its rows are made paired),
-`diagnostics`.
+Read first: `write_report` (what a report holds), `measure` (how its rows are made paired and cached),
+`paper_table2` (the paper's ablations).
 
     python evaluate.py --sanity                                 # the ruler checked against corruptions
     python evaluate.py --real videos/ --fake samples/ [--i3d i3d_torchscript.pt]     # or --real synthetic
@@ -17,7 +17,6 @@ Read first: `write_report` (what a report holds), `measure` (how its rows are ma
 import glob
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -25,72 +24,15 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from tqdm import tqdm
 
 from data import Parser, SyntheticVideos, UserError, VideoFolder, check_numbers, optional, save_atomic, write_video
 from config import ABLATIONS
-from metric import I3D, bias_corrected, compare, extract, fd_boot, fd_interval, interval, load_feature_net, paired_fd
+from metric import (I3D, bias_corrected, blurred, compare, diagnostics, extract, fd_boot, fd_interval, interval,
+                    load_feature_net, paired_fd, shuffled, static)
 from sample import TTS_SIGMA, cfg_scale, generate, load_checkpoint, load_model
 
 
-
-
-# ----------------------------------------------------------------------------------------------
-# Diagnostics
-
-# our choice: mean |frame difference| (pixels in [0, 1]) below which a video counts as static, well
-# below what the slowest real synthetic clips move (docs/experiments.md, "The ruler")
-STATIC_THRESHOLD = 0.001
-
-
-def motion_magnitude(videos):
-    """Mean absolute difference between consecutive frames, pixels in [0, 1]: (N, T, 3, H, W) -> (N,)."""
-    return (videos[:, 1:] - videos[:, :-1]).abs().mean((1, 2, 3, 4)) / 2
-
-
-def first_frame_psnr(videos, cond, cap=100.0):
-    """PSNR (dB, pixels in [0, 1]) of each video's first frame against its conditioning image; an
-    exact copy would be infinite and is reported as `cap`."""
-    mse = ((videos[:, 0] - cond) / 2).pow(2).mean((1, 2, 3))
-    return (10 * torch.log10(1 / mse.clamp(min=1e-30))).clamp(max=cap)
-
-
-def diagnostics(fake, real, cond=None):
-    """Per set of generated videos: first-frame PSNR against the conditioning images (if given),
-    static-video rate, and motion magnitude relative to the real videos."""
-    m_fake, m_real = motion_magnitude(fake), motion_magnitude(real)
-    d = {"static_rate": (m_fake < STATIC_THRESHOLD).float().mean().item(),
-         "motion_ratio": (m_fake.mean() / m_real.mean()).item()}
-    if cond is not None:
-        d["first_frame_psnr"] = first_frame_psnr(fake, cond).mean().item()
-    return d
-
-
-# ----------------------------------------------------------------------------------------------
-# Corruptions that a video metric must notice (used by --sanity and the tests)
-
-def static(videos):
-    return videos[:, :1].expand_as(videos).clone()                          # repeat the first frame
-
-
-def shuffled(videos, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    T = videos.shape[1]
-    perm = torch.stack([torch.randperm(T, generator=g) for _ in range(len(videos))])  # (N, T)
-    return videos[torch.arange(len(videos))[:, None], perm]
-
-
-def blurred(videos, sigma=1.0):
-    """Gaussian blur of every frame (sigma in pixels)."""
-    r = math.ceil(3 * sigma)
-    k = torch.exp(-torch.arange(-r, r + 1).float() ** 2 / (2 * sigma ** 2))
-    k = (k / k.sum()).to(videos)
-    x = rearrange(videos, "n t c h w -> (n t c) 1 h w")
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-    return x.view(videos.shape)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ comparable with published FVD numbers.
 
 Read first: `frechet_distance` (the formula), `paired_fd` (how two models are told apart),
 `FeatureNet` and `make_labels` (what the offline network learns, and therefore what the ruler sees).
-evaluate.py uses this file for its report and command line.
+At the end: the diagnostics beside the distance (first-frame PSNR, static rate, motion) and the
+corruptions the ruler must notice (`evaluate.py --sanity`). evaluate.py uses this file for its report
+and command line.
 """
 import math
 import os
@@ -331,3 +333,59 @@ def extract(features, videos, batch_size=64):
                               antialias=True).unflatten(0, v.shape[:2])
         out.append(features(v.to(dev)).double().cpu())
     return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics
+
+# our choice: mean |frame difference| (pixels in [0, 1]) below which a video counts as static, well
+# below what the slowest real synthetic clips move (docs/experiments.md, "The ruler")
+STATIC_THRESHOLD = 0.001
+
+
+def motion_magnitude(videos):
+    """Mean absolute difference between consecutive frames, pixels in [0, 1]: (N, T, 3, H, W) -> (N,)."""
+    return (videos[:, 1:] - videos[:, :-1]).abs().mean((1, 2, 3, 4)) / 2
+
+
+def first_frame_psnr(videos, cond, cap=100.0):
+    """PSNR (dB, pixels in [0, 1]) of each video's first frame against its conditioning image; an
+    exact copy would be infinite and is reported as `cap`."""
+    mse = ((videos[:, 0] - cond) / 2).pow(2).mean((1, 2, 3))
+    return (10 * torch.log10(1 / mse.clamp(min=1e-30))).clamp(max=cap)
+
+
+def diagnostics(fake, real, cond=None):
+    """Per set of generated videos: first-frame PSNR against the conditioning images (if given),
+    static-video rate, and motion magnitude relative to the real videos."""
+    m_fake, m_real = motion_magnitude(fake), motion_magnitude(real)
+    d = {"static_rate": (m_fake < STATIC_THRESHOLD).float().mean().item(),
+         "motion_ratio": (m_fake.mean() / m_real.mean()).item()}
+    if cond is not None:
+        d["first_frame_psnr"] = first_frame_psnr(fake, cond).mean().item()
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Corruptions that a video metric must notice (used by --sanity and the tests)
+
+def static(videos):
+    return videos[:, :1].expand_as(videos).clone()                          # repeat the first frame
+
+
+def shuffled(videos, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = videos.shape[1]
+    perm = torch.stack([torch.randperm(T, generator=g) for _ in range(len(videos))])  # (N, T)
+    return videos[torch.arange(len(videos))[:, None], perm]
+
+
+def blurred(videos, sigma=1.0):
+    """Gaussian blur of every frame (sigma in pixels)."""
+    r = math.ceil(3 * sigma)
+    k = torch.exp(-torch.arange(-r, r + 1).float() ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).to(videos)
+    x = rearrange(videos, "n t c h w -> (n t c) 1 h w")
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return x.view(videos.shape)

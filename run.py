@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import FixedMotion, SyntheticVideos, UserError, VideoFolder, frame_size, save_atomic, write_video
-from evaluate import diagnostics
+from metric import diagnostics
 from sample import generate
 
 

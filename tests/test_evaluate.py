@@ -11,8 +11,8 @@ import torch
 import evaluate
 import metric
 from data import SyntheticVideos, UserError, write_video
-from evaluate import blurred, diagnostics, shuffled, static
-from metric import I3D, compare, extract, fd_interval, frechet_distance, gaussian_stats, paired_fd
+from metric import (I3D, blurred, compare, diagnostics, extract, fd_interval, frechet_distance, gaussian_stats, paired_fd,
+                    shuffled, static)
 
 
 def random_rotation(d, g):
@@ -83,7 +83,7 @@ def test_the_ratio_interval_excludes_1_exactly_where_the_difference_excludes_0()
         a, b = (real + 0.7 * torch.randn(300, 8, generator=g, dtype=torch.float64) for _ in range(2))
         fd, boot = paired_fd(real, [a, b * (1 + shift)], n_boot=100)
         c = compare(fd, boot, 1, 0)
-        (d, d_lo, d_hi), (r, r_lo, r_hi) = c["diff"], c["ratio"]
+        (_, d_lo, d_hi), (r, r_lo, r_hi) = c["diff"], c["ratio"]
         assert r == pytest.approx(fd[1] / fd[0]) and r_lo == pytest.approx(1 + d_lo / fd[0])
         assert r_hi == pytest.approx(1 + d_hi / fd[0])
         assert (r_lo > 1 or r_hi < 1) == (d_lo > 0 or d_hi < 0) == (c["verdict"] != "not resolved")
