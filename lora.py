@@ -89,6 +89,17 @@ def merge_lora(model, on=True):
             m.delta = None
 
 
+def unwrap(model):
+    """Fold every adapter in (`merge_lora`) and put each LoRA's base back in its place: a plain network
+    with the base's own parameter names, which computes what the student computes (export.py)."""
+    merge_lora(model)
+    for m in list(model.modules()):
+        for n, c in list(m.named_children()):
+            if isinstance(c, LoRA):
+                setattr(m, n, c.base)
+    return model
+
+
 def to_student(D, sigma_min, lora, dtype=None):
     """Turn the denoiser D into OSV's student in place: the consistency parametrisation (f(x, sigma_min)
     = x) and LoRA adapters of lora["rank"] (on the convolutions too with lora["convs"]); with

@@ -247,6 +247,14 @@ def load_svd(path, device="cpu"):
             svd_config(path), "svd")
 
 
+def student_on(D, ckpt):
+    """A student checkpoint's trained weights (its EMA) on its base D, in place, merged for speed."""
+    to_student(D, ckpt["sigma_min"], ckpt["lora"])
+    load_trained(D, ckpt["ema"]["student"])
+    merge_lora(D)
+    return D
+
+
 def load_model(path, device="cpu"):
     """A finished checkpoint of a video model (teacher, stage 1, stage 2) -> (denoiser with EMA weights,
     autoencoder, config dict, stage name). One-line errors for anything else. A student holds only its
@@ -268,9 +276,7 @@ def load_model(path, device="cpu"):
                                 f"keep a run folder's checkpoints together")
             D = load_teacher(base)[0]
     if ckpt["stage"] != "teacher":             # a student: its adapters on the base, merged for speed
-        to_student(D, ckpt["sigma_min"], ckpt["lora"])
-        load_trained(D, ckpt["ema"]["student"])
-        merge_lora(D)
+        student_on(D, ckpt)
     cfg = {**cfg, "micro_median": ckpt.get("micro_median")}              # the training clips' fps, motion
     return D.to(device).eval(), ae.to(device).eval(), cfg, ckpt["stage"]
 

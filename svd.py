@@ -26,6 +26,7 @@ import glob
 import json
 import os
 import re
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
@@ -98,6 +99,18 @@ def ours_from_sgm(key):
     for pattern, new in INSIDE:
         key = re.sub(pattern, new, key)
     return key
+
+
+def sgm_from_ours(key):
+    """Our key -> the original checkpoint's: `ours_from_sgm` run backwards, step by step in reverse
+    order (export.py; it checks the round trip on every key)."""
+    for theirs, ours in reversed(INSIDE):             # .to_out. -> .to_out.0., the feed-forwards' names
+        key = key.replace(ours, theirs.replace("\\", ""))            # the pattern, unescaped
+    key = key.replace(".skip.", ".skip_connection.").replace(".spatial.", ".")
+    key = re.sub(r"^label_emb\.", "label_emb.0.", key)
+    key = re.sub(r"^input_blocks\.(\d+)\.", lambda m: f"input_blocks.{int(m[1]) + 1}.", key)
+    key = re.sub(r"^conv_in\.", "input_blocks.0.0.", key)
+    return SGM_PREFIX + key
 
 
 def ours_from_diffusers(key, cfg):
@@ -339,6 +352,20 @@ class SVDEncoders(nn.Module):
         z_aug = self.encode_raw(frame + cond_aug.view(-1, 1, 1, 1).to(frame) * noise).float()
         micro = torch.stack([fps.float() - 1, motion.float(), cond_aug.float()], 1)
         return {"concat": z_aug, "image": self.embed(frame), "micro": micro}
+
+
+@contextmanager
+def resident(module, device):
+    """`module` on `device` for the block, and back where it was after: SVD's encoders (2.7 GiB in fp32)
+    stay on the CPU while a stage reads the latent cache, and visit the GPU for samples and checks."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+        if home != torch.device(device) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def load_part(cls, path, part):
