@@ -9,7 +9,12 @@ per-GPU batch): Stage 1's generator and discriminator updates (gan.LGP.step), an
 include the teacher's m-step Euler solve with classifier-free guidance (2 network passes per step) and
 the EMA target's prediction, both on the student's own base (distill.ACD.step). The discriminator is
 OSV's: the latent upsampler (r = 4) and a ViT-S/14 DINOv2 with random weights (transformers).
-The latents are random too: with the latent cache (latents.py) the stages never run the VAE or CLIP.
+The latents are random too: with the latent cache (latents.py) the stages never run the VAE or CLIP,
+so SVD's VAE and CLIP ViT-H/14 (random, their published configurations) sit where such a run keeps them,
+on the CPU, and visit the GPU for one mid-run sample: the decode of one video at full size, measured
+with the stage's weights and optimiser states still in memory. On CUDA both of PyTorch's counters are
+printed: allocated (what tensors hold) and reserved (what the caching allocator holds, which is what
+runs out).
 
 Read first: `bench`. `random:tiny` is the offline tiny UNet with SVD's conditioning, for the CPU tests.
 """
@@ -22,6 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
+import svd
 from data import UserError, frame_size, optional
 from discriminator import Discriminator, DINOv2Backbone, TransformersDINOv2
 from distill import ACD, teacher_scale
@@ -49,6 +55,23 @@ def random_disc(device, latent_channels=4, downsample=8, dinov2_layers=12):
                                                               num_attention_heads=6, patch_size=14, image_size=518))
     vae = SimpleNamespace(downsample=downsample, cfg=SimpleNamespace(latent_channels=latent_channels))
     return Discriminator(vae, DINOv2Backbone(TransformersDINOv2(dino), DINO_SIZE)).to(device)
+
+
+def random_encoders(name):
+    """SVD's VAE (AutoencoderKLTemporalDecoder, 97.7 M parameters) and CLIP ViT-H/14 with projection
+    (632 M) with random weights and their published configurations, on the CPU in fp32 as a run loads
+    them; for "tiny", small ones of the same classes (the CPU tests)."""
+    diffusers, transformers = optional("diffusers"), optional("transformers")
+    big = name != "tiny"
+    widths = [128, 256, 512, 512] if big else [32, 32, 32, 32]
+    vae = diffusers.AutoencoderKLTemporalDecoder(block_out_channels=widths, down_block_types=["DownEncoderBlock2D"] * 4,
+                                                 in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2)
+    clip = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        **(dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
+                image_size=224, projection_dim=1024, hidden_act="gelu") if big else
+           dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
+                image_size=32, projection_dim=PRESETS[MODELS[name]].context_dim))))
+    return svd.SVDEncoders(vae, clip)
 
 
 def gib(n):
@@ -84,8 +107,9 @@ def weights_held(cfg, name, dtype):
 
 def bench(cfg, name, size, steps=3, device="cuda", dtype=torch.bfloat16, log=print):
     """Time `steps` steps (after one warm-up) of Stage 1 and of Stage 2 at cfg.num_frames frames of
-    size (H, W), batch 1; returns {stage: (peak bytes or None, seconds per step)}. The peak is CUDA's
-    max_memory_allocated over the steps (weights included); on the CPU the process's peak RSS is logged."""
+    size (H, W), batch 1, and one sample decode in each; returns {stage: time_stage's dict}. On CUDA the
+    peaks are max_memory_allocated and max_memory_reserved (weights included); on the CPU the process's
+    peak RSS is logged."""
     H, W = size
     if name not in MODELS:
         raise UserError(f"--svd random:{name}: use one of {', '.join('random:' + m for m in MODELS)}")
@@ -99,23 +123,42 @@ def bench(cfg, name, size, steps=3, device="cuda", dtype=torch.bfloat16, log=pri
         f"{'on' if cfg.grad_checkpoint else 'off'}")
     log(weights_held(cfg, name, dtype))
     grid = sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(device)
+    enc = random_encoders(name) if steps else None          # on the CPU, as a run that reads the latent cache
+    if enc is not None:
+        log(f"SVD's VAE and CLIP: {sum(p.numel() for p in enc.parameters()) / 1e6:.0f}M parameters, fp32, on the CPU "
+            f"but for the sample decode")
     results = {}
     for stage in ("1", "2") if steps else ():  # each built afresh; the previous stage's memory is freed
-        peak, sec = time_stage(stage, cfg, name, grid, (B, T, h, w), steps, device, dtype, log)
-        what = (f"peak {gib(peak):.2f} GiB" if cuda else
-                f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
+        r = time_stage(stage, cfg, name, grid, (B, T, h, w), steps, device, dtype, enc)
         extra = "" if stage == "1" else f" (the teacher's {cfg.m} Euler steps with CFG: {2 * cfg.m} NFE)"
-        log(f"stage {stage}: {what}, {sec:.3f} s per step (median of {steps} after 1 warm-up){extra}")
-        results[stage] = (peak, sec)
+        log(f"stage {stage}: {memory(r['step'], cuda)}, {r['sec']:.3f} s per step (median of {steps} after 1 "
+            f"warm-up){extra}")
+        log(f"stage {stage}, one sample decode ({T} frames at {H}x{W}, the VAE on {device} for it): "
+            f"{memory(r['decode'], cuda)}, {r['decode_sec']:.2f} s")
+        results[stage] = r
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     return results
 
 
-def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, log):
+def memory(peak, cuda):
+    """A peak as printed: CUDA's (allocated, reserved) bytes, or the process's peak RSS on the CPU."""
+    if cuda:
+        return f"peak allocated {gib(peak[0]):.2f} GiB, reserved {gib(peak[1]):.2f} GiB"
+    return f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB"
+
+
+def cuda_peak(cuda):
+    """CUDA's peaks since the last reset: (max_memory_allocated, max_memory_reserved), or None."""
+    return (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if cuda else None
+
+
+def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, enc=None):
     """Build stage `stage`'s student, discriminator, optimisers and EMA on a random SVD and time its
-    steps on random latents of `shape` (B, T, h, w). Returns (CUDA peak bytes or None, seconds per step)."""
+    steps on random latents of `shape` (B, T, h, w), then one sample decode with `enc` (SVD's encoders,
+    moved to the device for it) while the stage is in memory. Returns {"step": peaks, "sec": seconds per
+    step, "decode": peaks, "decode_sec": seconds}; peaks are CUDA's (allocated, reserved) or None."""
     cuda, (B, T, h, w) = device.type == "cuda", shape
     torch.manual_seed(cfg.seed)
     D, ucfg = random_denoiser(name, device, cfg.grad_checkpoint)
@@ -163,7 +206,15 @@ def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, log):
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return (torch.cuda.max_memory_allocated() if cuda else None), sorted(times[1:])[len(times[1:]) // 2]
+    out = {"step": cuda_peak(cuda), "sec": sorted(times[1:])[len(times[1:]) // 2]}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with torch.no_grad(), svd.resident(enc, device):              # as run.stage_checks: fp32, no autocast
+        enc.decode_video(x0.float())
+    if cuda:
+        torch.cuda.synchronize()
+    return {**out, "decode": cuda_peak(cuda), "decode_sec": time.perf_counter() - t0}
 
 
 def main(cfg, steps=3):

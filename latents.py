@@ -15,12 +15,17 @@ names the run that made them (`key`: autoencoder, frame size and count, data) an
 shards with their sizes. meta.json is rewritten after every shard, so an interrupted encoding resumes.
 Read first: `write_cache`, then `LatentCache.batch`.
 """
+import hashlib
+import inspect
 import json
 import os
 
 import torch
 from tqdm import tqdm
 
+import autoencoder
+import data
+import unet
 from data import UserError, frame_size
 
 SHARD = 64                          # clips per shard
@@ -33,18 +38,28 @@ def file_identity(path):
         st = os.stat(path)
         return [os.path.basename(path), st.st_size, st.st_mtime_ns]
     found = []
-    for d, _, names in sorted(os.walk(path)):
+    for d, _, names in sorted(os.walk(path, followlinks=True)):          # as VideoFolder reads: links followed
         for n in sorted(names):
             st = os.stat(os.path.join(d, n))
             found.append([os.path.relpath(os.path.join(d, n), path), st.st_size, st.st_mtime_ns])
     return found
 
 
-def cache_key(cfg, out, dtype):
+def code_version(encoder):
+    """The cache's format version: a hash of the code that turns a clip index into its entry (reading and
+    cropping the clips, the encoder class `encoder`, latents_and_condition). A change to any of it
+    changes the key, so old latents are never read by new code."""
+    parts = (data._uniform, data.bounce, data.SyntheticVideos, data._fit, data._frame_to_array, data._to_tensor,
+             data.VideoFolder, data.FixedMotion, encoder, unet.latents_and_condition)
+    return hashlib.sha256("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:12]
+
+
+def cache_key(cfg, out, dtype, encoder=autoencoder.AutoEncoder):
     """What a clip's latents depend on (train.py's Config): the autoencoder's weights (by file size and
     time: run/ae.pt or SVD's folder), the frames, the data (a folder's files: one more file changes
-    which file every clip index reads), the precision they were encoded in."""
-    return {"ae": file_identity(cfg.svd or os.path.join(out, "ae.pt")),
+    which file every clip index reads), the precision they were encoded in, and the encoding code
+    (`code_version`; encoder: the class that encodes, svd.SVDEncoders with --svd)."""
+    return {"code": code_version(encoder), "ae": file_identity(cfg.svd or os.path.join(out, "ae.pt")),
             "data": file_identity(cfg.data) if cfg.data else "synthetic",
             "size": list(frame_size(cfg.size, cfg.image_size)), "num_frames": cfg.num_frames,
             "frame_stride": cfg.frame_stride, "motion_bucket": cfg.motion_bucket if cfg.svd else None,
@@ -82,12 +97,23 @@ def write_cache(folder, key, clips, batches, fresh=False):
     if meta is not None and meta["key"] != key and not fresh:
         raise UserError(f"{folder} holds latents of another run ({_differs(meta['key'], key)} differs): "
                         f"--fresh rebuilds it")
-    if meta is None or meta["key"] != key or meta["clips"] != clips or fresh:
-        for n in os.listdir(folder) if os.path.isdir(folder) else []:
-            if n.startswith(("shard_", "meta.json")):
-                os.remove(os.path.join(folder, n))
+    if meta is None or meta["key"] != key or fresh:
         meta = {"key": key, "clips": clips, "shard": SHARD, "shards": []}
+    elif meta["clips"] != clips:             # the same run, another count: the shards written are a prefix
+        kept = []
+        for i, shard in enumerate(meta["shards"]):
+            has, needs = min(SHARD, meta["clips"] - i * SHARD), min(SHARD, clips - i * SHARD)
+            if needs <= 0 or has < needs:
+                break
+            kept.append(shard)
+        print(f"latents: {folder} was encoded for {meta['clips']} clips; {len(kept)} shards kept "
+              f"({min(clips, len(kept) * SHARD)} clips), {clips} wanted")
+        meta = {**meta, "clips": clips, "shards": kept}
     os.makedirs(folder, exist_ok=True)
+    _write_meta(folder, meta)                        # first the list, then the files it no longer names
+    for n in os.listdir(folder):
+        if n.startswith("shard_") and n not in {s[0] for s in meta["shards"]}:
+            os.remove(os.path.join(folder, n))
     first = len(meta["shards"]) * SHARD
     if first >= clips:
         print(f"latents: kept the finished cache {folder} ({clips} clips)")
@@ -153,6 +179,21 @@ class LatentCache:
             shard = self._shard(j // self.per)
             rows.append({k: v[j % self.per] for k, v in shard.items()})
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def check_covers(cache, reads, stage, data_clips=None):
+    """A stage reads clips 0 .. reads - 1. A cache that holds fewer is refused in one line, never read
+    round and round, unless it holds every clip of a folder of videos (data_clips), which the stage
+    would pass over again anyway: then each pass is said, with its frozen augmentation draw."""
+    if reads <= cache.clips:
+        return None
+    if data_clips is not None and cache.clips >= data_clips:
+        return (f"stage {stage}: {reads} clips read, {reads / cache.clips:.1f} passes over the latent cache's "
+                f"{cache.clips} (every clip of --data); each pass sees each clip with its one frozen "
+                f"augmentation draw")
+    raise UserError(f"the latent cache {cache.folder} holds {cache.clips} clips; stage {stage} reads {reads} (steps x "
+                    f"batch): encode the rest with `python train.py --stage latents --cache-clips {reads}` (the "
+                    f"{cache.clips} encoded are kept), or train fewer steps")
 
 
 def open_cache(folder, key):

@@ -1,5 +1,6 @@
 """A run folder, and what every stage of a run shares: device, precision, the distributed context,
-the data, the lock that keeps one command per folder, the log, and what the folder was made from.
+the data (the clips, or the latent cache a stage reads: `Run.stage_data`), the lock that keeps one
+command per folder, the log, and what the folder was made from.
 
 `python train.py --stage ...` opens a `Run` on `--out`. Its first command stores the flags that define
 the run (data, frame size and count, preset, autoencoder) in run.json; later commands inherit them
@@ -10,12 +11,15 @@ import json
 import os
 import shutil
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import latents
+import svd
+from autoencoder import AutoEncoder
 from data import FixedMotion, SyntheticVideos, UserError, VideoFolder, frame_size, save_atomic, write_video
 from metric import diagnostics
 from sample import generate
@@ -84,6 +88,33 @@ class Run:
             same = self.eval_set is self.dataset
             self.dataset = FixedMotion(self.dataset, cfg.motion_bucket)
             self.eval_set = self.dataset if same else FixedMotion(self.eval_set, cfg.motion_bucket)
+
+    def stage_data(self, name, cfg, reads):
+        """What a stage reads: the run's clips, or for the student and teacher stages the latent cache when
+        it fits the run (latents.py), which must hold the `reads` clips the stage reads (`check_covers`)."""
+        if name == "ae":
+            return self.dataset
+        key = latents.cache_key(cfg, self.out, self.ptdtype, svd.SVDEncoders if cfg.svd else AutoEncoder)
+        cache = latents.open_cache(os.path.join(self.out, "latents"), key)
+        if cache is None:
+            return self.dataset
+        inner = getattr(self.dataset, "dataset", self.dataset)                       # FixedMotion's clips
+        note = latents.check_covers(cache, reads, name, len(inner) if cfg.data else None)
+        if self.master:
+            print(f"stage {name}: reading the latent cache {cache.folder} ({len(cache)} clips)")
+            if note:
+                print(note)
+                self.log({"stage": name, "event": "cache passes", "note": note})
+        return cache
+
+    @contextmanager
+    def in_sync(self, nets, skip):
+        """DDP all-reduces the gradients in every backward pass; with --grad-accum only the last micro-batch
+        needs it (the earlier ones add up locally): skip=True runs one under each net's no_sync."""
+        with ExitStack() as stack:
+            for net in nets.values() if skip and self.ddp else ():
+                stack.enter_context(getattr(net, "_orig_mod", net).no_sync())   # a compiled net: its DDP inside
+            yield
 
     def eval_batch(self, n):
         """The first n clips of the evaluation set (the synthetic test split): video, fps, motion."""
@@ -175,6 +206,10 @@ def stage_checks(label, ema, ae, run, cfg, steps, scale, sampler):
     held-out clips above the model's videos from their first frames (as the report samples them); the
     diagnostics on up to 64 of them. run: train.py's Run (eval_batch, device, eval_name, master)."""
     def videos(n, chunk=16, progress=False):
+        with svd.resident(ae, run.device):
+            return made(n, chunk, progress)
+
+    def made(n, chunk, progress):
         b = run.eval_batch(n)
         cond = ae.condition(b["video"][:, 0], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
         fake = []

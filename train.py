@@ -138,8 +138,9 @@ def setup_ae(cfg, run):
 def finished(run, name):
     """This run's finished autoencoder (frozen) or teacher (EMA weights) and its config; --svd: SVD's."""
     path, make = os.path.join(run.out, f"{name}.pt"), f"python train.py --stage {name} --out {shlex.quote(run.out)}"
-    if name == "ae":
-        enc = svd.SVDEncoders.from_pretrained(run.cfg.svd, device=run.device) if run.cfg.svd else None
+    if name == "ae":              # SVD's encoders stay on the CPU while a stage reads the latent cache
+        home = "cpu" if getattr(run, "cached", False) else run.device          # (svd.resident: for checks)
+        enc = svd.SVDEncoders.from_pretrained(run.cfg.svd, device=home) if run.cfg.svd else None
         return (enc, {"latent_channels": enc.cfg.latent_channels}) if enc else load_ae(path, run.device, make)
     D = svd.load_denoiser(run.cfg.svd, device=run.device) if run.cfg.svd else load_teacher(path, run.device, make)[0]
     D.unet.cfg.checkpoint = run.cfg.grad_checkpoint      # this stage's flag, whatever the teacher trained with
@@ -261,6 +262,8 @@ def train_stage(name, cfg, run, mode):
         if run.master:
             print(f"stage {name}: kept the finished {path}")
         return
+    data = run.stage_data(name, cfg, steps * B)                  # before any network is built: it may refuse
+    run.cached = isinstance(data, latents.LatentCache)
     spec = SETUP[name](cfg, run)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.scaler_enabled)
     start = restore(spec, scaler, ckpt) if ckpt is not None else 0
@@ -318,12 +321,6 @@ def train_stage(name, cfg, run, mode):
         print(f"stage {name}: steps {start}..{steps}, batch {B} over {run.world} process(es), "
               f"{run.device} {run.ptdtype}, params "
               + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for k, m in spec.models.items()))
-    data = run.dataset
-    if name != "ae":                                              # the latent cache, when it fits this run
-        key = latents.cache_key(cfg, run.out, run.ptdtype)
-        data = latents.open_cache(os.path.join(run.out, "latents"), key) or data
-        if data is not run.dataset and run.master:
-            print(f"stage {name}: reading the latent cache {data.folder} ({len(data)} clips)")
     loader = step_loader(cfg, run, data, B, start, steps)
     sums, counts, n, t0 = {}, {}, 0, time.time()
     with stop_requests() as asked, tqdm(total=steps, initial=start, desc=f"stage {name}", disable=not run.master,
@@ -335,8 +332,10 @@ def train_stage(name, cfg, run, mode):
                 for g in o.param_groups:
                     g["lr"] = g["initial_lr"] * lr_at(step)
             micro = [dict(zip(batch, vs)) for vs in zip(*(v.chunk(cfg.grad_accum) for v in batch.values()))]
-            with run.autocast:
-                stats = [spec.step(nets, mb, update) for mb in micro]
+            stats = []
+            for i, mb in enumerate(micro):
+                with run.autocast, run.in_sync(nets, i < len(micro) - 1):
+                    stats.append(spec.step(nets, mb, update))
             step_optimisers()
             stats = {k: torch.stack([s[k].detach().float() for s in stats]).mean() for k in stats[0]}
             for e in spec.ema.values():
@@ -428,7 +427,7 @@ def encode_latents(cfg, run, fresh):
             torch.manual_seed(step_seed(cfg.seed, s, 1))                  # the augmentation noise of batch s
             with torch.no_grad(), run.autocast:
                 yield unet.latents_and_condition(ae, {k: v.to(run.device) for k, v in batch.items()})
-    key = latents.cache_key(cfg, run.out, run.ptdtype)
+    key = latents.cache_key(cfg, run.out, run.ptdtype, svd.SVDEncoders if cfg.svd else AutoEncoder)
     latents.write_cache(os.path.join(run.out, "latents"), key, clips, batches, fresh)
 
 

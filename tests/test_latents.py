@@ -86,6 +86,9 @@ def test_stage_latents_writes_what_the_stages_encode_and_they_read_it(tiny_run, 
     capsys.readouterr()
     assert train.main(["--stage", "1", "--steps", "2", *args]) == 0
     assert "reading the latent cache" in capsys.readouterr().out
+    assert train.main(["--stage", "1", "--steps", "7", "--fresh", *args]) == 2      # 14 clips of 12: refused
+    err = capsys.readouterr().err
+    assert "--cache-clips 14" in err and len(err.strip().splitlines()) == 1
     assert train.main(["--stage", "latents", "--cache-clips", "12", "--num-frames", "4", "--override", *args]) == 2
     assert "num_frames differs" in capsys.readouterr().err
     assert train.main(["--stage", "2", "--steps", "1", "--num-frames", "4", "--override", *args]) == 0   # ignored
@@ -97,3 +100,51 @@ def test_latents_and_condition_passes_a_cached_batch_through():
              "micro": torch.randn(2, 3)}
     x0, cond = unet.latents_and_condition(None, batch)
     assert torch.equal(x0, batch["x0"]) and all(cond[k] is batch[k] for k in ("concat", "image", "micro"))
+
+
+def test_a_cache_too_small_for_the_stage_is_refused_or_its_passes_are_said(tmp_path):
+    """A stage never loops silently over a cache that holds fewer clips than it reads: it refuses, naming
+    --cache-clips; only a cache of every clip of a folder of videos is read again, and each pass is said."""
+    cache = latents.LatentCache.__new__(latents.LatentCache)
+    cache.folder, cache.clips = "runs/x/latents", 10
+    assert latents.check_covers(cache, 10, "1") is None
+    note = latents.check_covers(cache, 25, "2", data_clips=10)
+    assert "2.5 passes" in note and "frozen augmentation draw" in note
+    for data_clips in (None, 30):                                 # synthetic clips, or a folder not all cached
+        with pytest.raises(UserError, match=r"--cache-clips 25` \(the 10 encoded are kept\)"):
+            latents.check_covers(cache, 25, "2", data_clips)
+
+
+def test_the_shards_written_are_kept_when_only_the_count_changes(tmp_path, capsys):
+    folder = str(tmp_path / "latents")
+    n = latents.SHARD * 2 + 8
+    batches, entry = fake_batches(latents.SHARD * 4)
+    latents.write_cache(folder, KEY, n, batches)
+    firsts = []
+
+    def recorded(first):
+        firsts.append(first)
+        yield from batches(first)
+    latents.write_cache(folder, KEY, latents.SHARD * 3, recorded)           # more: the short shard is redone
+    assert firsts == [latents.SHARD * 2] and "2 shards kept" in capsys.readouterr().out
+    cache = latents.open_cache(folder, KEY)
+    got = cache.batch([3, latents.SHARD * 2 + 20])
+    assert torch.equal(got["x0"][0], entry(3)[0]) and torch.equal(got["x0"][1], entry(latents.SHARD * 2 + 20)[0])
+    latents.write_cache(folder, KEY, latents.SHARD + 5, recorded)           # fewer: nothing is encoded
+    assert firsts == [latents.SHARD * 2] and len(latents.open_cache(folder, KEY)) == latents.SHARD + 5
+    assert sorted(n for n in os.listdir(folder) if n.startswith("shard_")) == ["shard_00000.pt", "shard_00001.pt"]
+
+
+def test_the_key_follows_links_and_names_the_encoding_code(tmp_path):
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "real" / "sub" / "a.mp4").write_bytes(b"12345")
+    (tmp_path / "data").mkdir()
+    os.symlink(tmp_path / "real" / "sub", tmp_path / "data" / "linked")          # VideoFolder follows it
+    before = latents.file_identity(str(tmp_path / "data"))
+    assert [f[0] for f in before] == [os.path.join("linked", "a.mp4")]
+    (tmp_path / "real" / "sub" / "a.mp4").write_bytes(b"123456")
+    assert latents.file_identity(str(tmp_path / "data")) != before
+    cfg = train.make_config(train.parse(["--stage", "1"]), ["1"])
+    key = latents.cache_key(cfg, str(tmp_path), torch.float32)
+    assert key["code"] == latents.code_version(latents.autoencoder.AutoEncoder)
+    assert latents.cache_key(cfg, str(tmp_path), torch.float32, encoder=torch.nn.Linear)["code"] != key["code"]

@@ -284,3 +284,14 @@ def test_students_train_from_the_published_svd(pipeline_folder, dinov2_folder, t
     assert "2: 1 steps, 1 NFE" in capsys.readouterr().out
     assert train.main(["--stage", "teacher", *common]) == 2                  # SVD is the teacher: nothing to train
     assert "--svd" in capsys.readouterr().err
+
+
+def test_svds_encoders_stay_off_the_device_while_a_stage_reads_the_latent_cache(pipeline_folder):
+    """A stage that reads the latent cache never runs the VAE or CLIP: they load on the CPU and visit the
+    run's device only for samples and checks (svd.resident); without the cache they load on the device."""
+    from types import SimpleNamespace
+    run = SimpleNamespace(cfg=SimpleNamespace(svd=pipeline_folder), device=torch.device("meta"), out="unused")
+    for cached, home in ((True, "cpu"), (False, "meta")):
+        run.cached = cached
+        enc, _ = train.finished(run, "ae")
+        assert next(enc.parameters()).device.type == home

@@ -1,4 +1,5 @@
 """train.py: exact resume, non-finite loss, DDP on CPU, stage errors, mixed precision."""
+import contextlib
 import dataclasses
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import av
 import pytest
@@ -260,6 +262,33 @@ def test_ddp_two_processes_on_cpu(tmp_path, fast_args):
     ckpt = torch.load(os.path.join(out, "ae.pt"), weights_only=False)
     assert ckpt["done"] and ckpt["step"] == 4
     assert sorted(losses(out)) == [1, 2, 3, 4]            # rank 0 logs once per step
+    # --grad-accum 2: the first micro-batch under no_sync, the last all-reduced; the replicas still agree
+    # (train.check_replicas would stop the run otherwise)
+    p = subprocess.run([*cmd[:-len(fast_args) - 2], "--out", out + "_accum", "--grad-accum", "2", *fast_args],
+                       capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_grad_accum_skips_ddps_all_reduce_but_on_the_last_micro_batch():
+    """Run.in_sync: every DDP net's no_sync for the micro-batches before the last, nothing for the last
+    one or without DDP; a compiled net's DDP is found inside it."""
+    entered = []
+
+    class Net:
+        def __init__(self, name):
+            self.name = name
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            entered.append(self.name)
+            yield
+    compiled = types.SimpleNamespace(_orig_mod=Net("disc"))
+    nets = {"student": Net("student"), "disc": compiled}
+    for ddp, skip, expected in ((True, True, ["student", "disc"]), (True, False, []), (False, True, [])):
+        entered.clear()
+        with train.Run.in_sync(types.SimpleNamespace(ddp=ddp), nets, skip):
+            pass
+        assert entered == expected, (ddp, skip)
 
 
 def test_grad_checkpoint_is_this_stages_flag_not_the_teachers(tiny_run, tmp_path, monkeypatch, fast_args, micro_args):
