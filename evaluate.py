@@ -26,13 +26,11 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from data import Parser, SyntheticVideos, UserError, VideoFolder, check_numbers, optional, save_atomic, write_video
 from config import ABLATIONS
+from data import Parser, SyntheticVideos, UserError, VideoFolder, check_numbers, optional, save_atomic, write_video
 from metric import (I3D, bias_corrected, blurred, compare, diagnostics, extract, fd_boot, fd_interval, interval,
                     load_feature_net, paired_fd, shuffled, static)
 from sample import TTS_SIGMA, cfg_scale, generate, load_checkpoint, load_model
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,16 +497,17 @@ def main(argv=None):
             return 0
         if not args.sanity and not args.fake:
             raise UserError("give --fake PATH (a folder of generated videos), or --sanity")
-        if args.i3d:
-            features, args.metric_name = I3D(args.i3d, args.device, args.i3d_protocol), "FVD"
-        else:
-            args.metric_name = "FVD-syn"
+        features, args.metric_name = (I3D(args.i3d, args.device, args.i3d_protocol), "FVD") if args.i3d else \
+            (None, "FVD-syn")
+
+        def offline_ruler():
+            """FVD-syn's network, trained (minutes) only once every input has been checked."""
             src = "synthetic" if args.sanity else args.real
             tag = "synthetic" if src == "synthetic" else os.path.basename(os.path.normpath(src))
             path = os.path.join(args.out, f"fvdsyn_{tag}_{args.size}x{args.frames}.pt")
-            features = load_feature_net(path, src, args.size, args.frames, args.device, steps=args.feature_steps)
+            return load_feature_net(path, src, args.size, args.frames, args.device, steps=args.feature_steps)
         if args.sanity:
-            sanity(args, features)
+            sanity(args, features or offline_ruler())
             return 0
         real, real_names = load_set(args.real, args.num, args.size, args.frames)
         key = lambda name: str(int(name)) if name.isdigit() else name         # noqa: E731
@@ -523,7 +522,8 @@ def main(argv=None):
             # name; numbers match numbers (000123.mp4 is synthetic test clip 123)
             match = [by_name.get(key(n)) for n in fake_names]
             sets.append([src, fake, fake_names, None if None in match else match])
-        f_real = extract(features, real)                                # every set read: now the features
+        features = features or offline_ruler()                          # every set read and checked: now the ruler
+        f_real = extract(features, real)
         for s in sets:
             s.append(extract(features, s[1]))
         for src, fake, _, match, f_fake in sets:

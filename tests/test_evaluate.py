@@ -261,3 +261,14 @@ def test_plot_draws_the_log_or_says_how_to_get_matplotlib(tiny_run, tmp_path, ca
         return
     assert evaluate.main(["--plot", out]) == 0
     assert os.path.getsize(os.path.join(out, "log.png")) > 1000 and "2 stage(s)" in capsys.readouterr().out
+
+
+def test_inputs_are_checked_before_the_ruler_trains(tmp_path, monkeypatch, capsys):
+    """A set too small for a distance is refused before FVD-syn's network is trained (minutes on a CPU)."""
+    monkeypatch.setattr(metric, "train_feature_net", lambda *a, **k: pytest.fail("the ruler trained first"))
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    write_video(str(fake / "000000.mp4"), SyntheticVideos(32, 8, "test").batch(range(1))["video"][0], fps=8)
+    assert evaluate.main(["--real", "synthetic", "--fake", str(fake), "--num", "4", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "at least 2" in err and len(err.strip().splitlines()) == 1
