@@ -16,6 +16,7 @@ Read first: `write_report` (what a report holds), `measure` (how its rows are ma
 """
 import glob
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -26,6 +27,12 @@ import warnings
 import torch
 from tqdm import tqdm
 
+import autoencoder
+import lora
+import metric
+import sample
+import svd
+import unet
 from config import ABLATIONS
 from data import Parser, SyntheticVideos, UserError, VideoFolder, check_numbers, optional, save_atomic, write_video
 from metric import (I3D, bias_corrected, blurred, compare, diagnostics, extract, fd_boot, fd_interval, interval,
@@ -145,12 +152,26 @@ def digest(path):
     return _digests[k]
 
 
+def row_code():
+    """A hash of the code that makes and measures a row from a checkpoint: the networks (unet.py, the
+    autoencoder, LoRA's merge, SVD's encoders), the samplers, `run_row`, the ruler's features and the
+    diagnostics. Any change to it makes every row anew: a cached row is never older than its code."""
+    parts = (unet, autoencoder, lora.LoRA, lora.merge_lora, svd.SVDEncoders, svd.init_noise_scale, sample.to_d,
+             sample.karras_sigmas, sample.sigma_grid, sample.consistency_sigmas, sample.cfg_scale, sample.guided,
+             sample.sample_euler, sample.sample_heun, sample.sample_consistency, sample.sample_tts,
+             sample.sample_tts_text, sample.generate, run_row, metric.FeatureNet, metric.extract,
+             metric.motion_magnitude, metric.first_frame_psnr, metric.diagnostics)
+    return hashlib.sha256("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:12]
+
+
 def row_identity(run_dir, key, num, size, frames, tts_sigma, sigma_max, features_path):
     """What a generated row depends on: the checkpoint's bytes and its base's (a student's adapters sit on
     teacher.pt), the sampler, steps, guidance, N, the noise's seed, the frame size and count, the samplers'
-    levels, and the feature network's bytes. A row cached under the same identity is the same row."""
+    levels, the feature network's bytes and the code (`row_code`). A row cached under the same identity
+    is the same row."""
     base = os.path.join(run_dir, "teacher.pt")
-    return {"checkpoint": digest(os.path.join(run_dir, key[0])), "base": digest(base) if os.path.isfile(base) else "",
+    return {"code": row_code(), "checkpoint": digest(os.path.join(run_dir, key[0])),
+            "base": digest(base) if os.path.isfile(base) else "",
             "steps": key[1], "guidance": key[2], "sampler": key[3], "num": num, "seed": 0, "size": size,
             "frames": frames, "tts_sigma": tts_sigma if key[3] in ("tts", "tts-text") else None,
             "sigma_max": sigma_max, "features": digest(features_path), "batch": 50}

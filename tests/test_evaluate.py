@@ -272,3 +272,20 @@ def test_inputs_are_checked_before_the_ruler_trains(tmp_path, monkeypatch, capsy
     assert evaluate.main(["--real", "synthetic", "--fake", str(fake), "--num", "4", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "at least 2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_cached_row_is_keyed_on_its_code(tmp_path, monkeypatch):
+    """Another sampler (here: sample.generate replaced) gives every row another key, so a report after a
+    code change makes its rows anew instead of reading stale ones."""
+    (tmp_path / "stage2.pt").write_bytes(b"weights")
+    (tmp_path / "net.pt").write_bytes(b"ruler")
+    key = ("stage2.pt", 1, None, "tts")
+    ident = evaluate.row_identity(str(tmp_path), key, 6, 32, 8, 0.5, None, str(tmp_path / "net.pt"))
+    before = evaluate.row_path(str(tmp_path), key, ident)
+    assert before == evaluate.row_path(str(tmp_path), key, dict(ident))        # the same row, the same file
+
+    def generate(*args, **kwargs):                                             # a changed sampler
+        return None
+    monkeypatch.setattr(evaluate.sample, "generate", generate)
+    ident2 = evaluate.row_identity(str(tmp_path), key, 6, 32, 8, 0.5, None, str(tmp_path / "net.pt"))
+    assert ident2["code"] != ident["code"] and evaluate.row_path(str(tmp_path), key, ident2) != before
