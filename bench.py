@@ -26,6 +26,7 @@ import time
 from types import SimpleNamespace
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import svd
 from data import UserError, frame_size, optional
@@ -34,6 +35,7 @@ from distill import ACD, teacher_scale
 from gan import LGP, make_disc_optimizer
 from sample import sigma_grid
 from lora import teacher_of, to_student
+from report import SVD_NUM
 from unet import EMA, PRESETS, Denoiser, VideoUNet, count_parameters
 
 MODELS = {"svd": "svd", "svd-xt": "svd", "tiny": "tiny"}     # SVD and SVD-XT share the UNet architecture
@@ -76,6 +78,78 @@ def random_encoders(name):
 
 def gib(n):
     return n / 2 ** 30
+
+
+# ----------------------------------------------------------------------------------------------
+# What the report costs: `evaluate.py --run` samples every row from the same N held-out clips
+
+# the rows of a run folder with stage1.pt and stage2.pt (report.sampler_rows; a test pins the list): keys
+# (checkpoint, steps, guidance, sampler), each made once however many tables show it
+REPORT_ROWS = [("svd", n, "ramp", "euler") for n in (25, 8, 2, 1)] + [
+    ("stage1.pt", 1, None, "consistency"), ("stage1.pt", 1, None, "tts"), ("stage2.pt", 1, None, "consistency"),
+    ("stage2.pt", 1, None, "tts"), ("stage2.pt", 2, None, "consistency"), ("stage2.pt", 4, None, "consistency"),
+    ("stage2.pt", 1, 3.0, "consistency"), ("stage2.pt", 1, 1.5, "consistency"), ("stage2.pt", 1, None, "tts-text")]
+ASSUMED_TFLOPS = 400      # an assumption where no GPU times a call: 40% of an H100 SXM's 989 dense bf16 TFLOP/s
+
+
+def nfe(key):
+    """Network evaluations per clip of a row: steps, x2 for CFG (a guided and an unguided pass), x2 for TTS."""
+    _, steps, guidance, sampler = key
+    return steps * (2 if guidance == "ramp" or (guidance or 1) > 1 else 1) * (2 if sampler.startswith("tts") else 1)
+
+
+def unet_flops(name, shape):
+    """FLOPs of one forward pass of the UNet on latents `shape` (B, T, h, w), counted by
+    torch.utils.flop_counter on the meta device: exact for the matmuls, convolutions and attention that
+    hold nearly all of them, with no memory and no GPU."""
+    D, cfg = random_denoiser(name, "meta", False)
+    B, T, h, w = shape
+    with torch.device("meta"):
+        x, sigma = torch.randn(B, T, 4, h, w), torch.ones(B)
+        cond = {"concat": torch.randn(B, 4, h, w), "image": torch.randn(B, 1, cfg.context_dim), "micro": torch.randn(B, 3)}
+    with FlopCounterMode(display=False) as count, torch.no_grad():
+        D(x, sigma, cond)
+    return count.get_total_flops()
+
+
+def time_call(name, shape, device, dtype, calls=3):
+    """Seconds per UNet call as the report makes them (fp32 weights as SVD loads, autocast to `dtype`,
+    no grad): the median of `calls` after one warm-up."""
+    D, cfg = random_denoiser(name, device, False)
+    B, T, h, w = shape
+    x, sigma = torch.randn(B, T, 4, h, w, device=device), torch.ones(B, device=device)
+    cond = {"concat": torch.randn(B, 4, h, w, device=device), "image": torch.randn(B, 1, cfg.context_dim, device=device),
+            "micro": torch.randn(B, 3, device=device)}
+    times = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for _ in range(calls + 1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            D(x, sigma, cond)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    del D
+    return sorted(times[1:])[calls // 2]
+
+
+def report_cost(name, shape, num, sec_per_call=None, log=print):
+    """The report's cost at this size: one UNet call's FLOPs x each row's NFE x N clips, and in seconds
+    from `sec_per_call` (a GPU's measurement) or, without one, an estimate at ASSUMED_TFLOPS, said as such.
+    The VAE's decodes (one per clip and row) are not in the count."""
+    flops = unet_flops(name, shape)
+    teacher, every = nfe(REPORT_ROWS[0]), sum(map(nfe, REPORT_ROWS))
+    sec = sec_per_call or flops / (ASSUMED_TFLOPS * 1e12)
+    how = (f"measured: {sec:.3f} s per call" if sec_per_call else
+           f"an ESTIMATE at an assumed {ASSUMED_TFLOPS} TFLOP/s sustained (40% of an H100 SXM's dense bf16 peak), "
+           f"{sec:.3f} s per call")
+    log(f"report cost: one UNet call on {tuple(shape)} latents: {flops / 1e12:.1f} TFLOP (counted; decodes not counted)")
+    log(f"report cost at N = {num}: the teacher's 25 steps {teacher} NFE per clip = {num * teacher * flops / 1e15:.0f} "
+        f"PFLOP; all {len(REPORT_ROWS)} rows of a run with stage1.pt and stage2.pt {every} NFE per clip = "
+        f"{num * every * flops / 1e15:.0f} PFLOP")
+    log(f"report cost in time ({how}): {teacher * sec:.1f} s per clip for the teacher's 25 steps, "
+        f"{num * teacher * sec / 60:.0f} min for its row; {every * sec:.1f} s per clip, {num * every * sec / 60:.0f} "
+        f"min for all rows")
+    return {"flops": flops, "sec_per_call": sec, "teacher_nfe": teacher, "nfe": every}
 
 
 def held_bytes(f):
@@ -122,6 +196,8 @@ def bench(cfg, name, size, steps=3, device="cuda", dtype=torch.bfloat16, log=pri
         f"batch {B}, {device} {str(dtype).split('.')[-1]}, gradient checkpointing "
         f"{'on' if cfg.grad_checkpoint else 'off'}")
     log(weights_held(cfg, name, dtype))
+    report_cost(name, (B, T, h, w), SVD_NUM, time_call(name, (B, T, h, w), device, dtype) if cuda and steps else None,
+                log)
     grid = sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(device)
     enc = random_encoders(name) if steps else None          # on the CPU, as a run that reads the latent cache
     if enc is not None:

@@ -20,6 +20,7 @@ class Config:
     num_frames: int = 8             # frames per clip (--frames)
     data: str = ""                  # a folder of videos; empty: the synthetic bouncing shapes
     frame_stride: int = 1           # folder videos: keep every n-th frame
+    test_share: float = 0.1         # folder videos: the held-out share of files (data.held_out); 0: none
     workers: int = 4                # folder videos, latent cache: reading processes (at most the CPU count)
     svd: str = ""                   # the published SVD's pipeline folder (svd.py): teacher, VAE, CLIP; no ae, teacher
     motion_bucket: int = 127        # SVD's motion micro-condition for every training clip (AnimateLCM's)
@@ -97,10 +98,10 @@ class Config:
     sample_every: int = 500         # steps per sample video in samples/
     ckpt_every: int = 500           # steps per checkpoint
     eval_clips: int = 256           # held-out clips for the end-of-stage measurement
-    # held-out clips per row of the report that ends --stage all: enough that the paired interval of a
-    # 2-point difference excludes 0 (docs/experiments.md, "The paired ruler")
-    report_clips: int = 1000
-    feature_steps: int = 1500       # training steps of the FVD-syn feature network (evaluate.py)
+    # held-out clips per row of the report that ends --stage all; 0: report.py's default, 1000 (enough that
+    # the paired interval of a 2-point difference excludes 0: docs/experiments.md), or 250 for --svd runs
+    report_clips: int = 0
+    feature_steps: int = 1500       # training steps of the FVD-syn feature network (metric.py)
     seed: int = 0                   # every random draw follows from it
     device: str = ""                # empty: cuda if available, else cpu
     dtype: str = ""                 # empty: bfloat16 on CUDA, float32 on CPU
@@ -136,10 +137,10 @@ RUN_FIELDS = {"device", "dtype", "compile", "grad_checkpoint", "grad_accum", "ca
 
 # what `check` holds each numeric field to (beyond finite and >= 0, which every field must be)
 AT_LEAST_ONE = {"image_size", "num_frames", "frame_stride", "ae_latent_channels", "grid_size", "m", "sample_steps",
-                "grad_accum", "log_every", "sample_every", "ckpt_every", "eval_clips", "report_clips", "feature_steps",
+                "grad_accum", "log_every", "sample_every", "ckpt_every", "eval_clips", "feature_steps",
                 *(f"{p}_{k}" for p in PREFIX.values() for k in ("steps", "batch_size"))}
 POSITIVE = {"sigma_min", "sigma_max", "p_std", "grad_clip", "disc_lr", *(f"{p}_lr" for p in PREFIX.values())}
-AT_MOST_ONE = {"cond_drop", "stage1_top", "stage2_top", "stage2_direct", "ema_decay", "target_decay"}
+AT_MOST_ONE = {"test_share", "cond_drop", "stage1_top", "stage2_top", "stage2_direct", "ema_decay", "target_decay"}
 SIGNED = {"p_mean"}                                  # ln sigma's mean: any finite number
 
 

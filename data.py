@@ -12,6 +12,8 @@ pixels) and `bounce` (the closed-form physics). Conventions: videos are `(T, 3, 
 index, which is what makes training runs resumable on the same trajectory (see train.py).
 """
 import argparse
+import copy
+import hashlib
 import importlib
 import json
 import math
@@ -23,6 +25,7 @@ import warnings
 import av
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -337,20 +340,75 @@ class VideoFolder:
                         return _to_tensor(np.stack(out))                   # (T, 3, H, W)
         raise ValueError(f"only {len(out)} of {self.T} frames decoded from frame {start}")
 
-    def first_clips(self):
-        """Every usable file's first clip, (N, T, 3, H, W), and the files' paths relative to the root
-        without extension (so generated videos can be paired with real ones by name)."""
-        clips = torch.stack([self._decode(path, info, 0) for path, info in self.files])
-        names = [os.path.splitext(os.path.relpath(path, self.root))[0] for path, _ in self.files]
+    def names(self):
+        """The usable files' paths relative to the root (what the held-out split is made of)."""
+        return [os.path.relpath(path, self.root) for path, _ in self.files]
+
+    def only(self, names, keep=True):
+        """This folder with only the files in `names` (keep=False: all but them): a split of it."""
+        part = copy.copy(self)
+        names = set(names)
+        part.files = [(p, i) for p, i in self.files if (os.path.relpath(p, self.root) in names) == keep]
+        if not part.files:
+            raise UserError(f"no usable video of {self.root} is left in this split")
+        return part
+
+    def first_clips(self, n=None):
+        """The first n usable files' first clips, (N, T, 3, H, W), and the files' paths relative to the
+        root without extension (so generated videos can be paired with real ones by name)."""
+        files = self.files[:n]
+        clips = torch.stack([self._decode(path, info, 0) for path, info in tqdm(
+            files, desc="reading first clips", disable=len(files) < 100, dynamic_ncols=True)])
+        names = [os.path.splitext(os.path.relpath(path, self.root))[0] for path, _ in files]
         return clips, names
+
+    def first_batch(self, n=None):
+        """batch() of the first n files' first clips: the same clips on every call (a report's)."""
+        video, _ = self.first_clips(n)
+        return {"video": video, "motion": motion_score(video),
+                "fps": torch.tensor([i["fps"] / self.stride for _, i in self.files[:n]])}
 
     def batch(self, indices):
         clips = [self.clip(i) for i in indices]
         video = torch.stack([v for v, _ in clips])                                     # (B, T, 3, H, W)
-        # motion score for real videos, where no true speed exists: mean absolute frame difference
-        # (pixels in [0, 1]) x 100. A proxy: comparable across clips of one dataset, not with synthetic.
-        motion = 50 * (video[:, 1:] - video[:, :-1]).abs().mean((1, 2, 3, 4))
-        return {"video": video, "motion": motion, "fps": torch.tensor([f for _, f in clips])}
+        return {"video": video, "motion": motion_score(video), "fps": torch.tensor([f for _, f in clips])}
+
+
+def motion_score(video):
+    """The motion score of real clips, where no true speed exists: mean absolute frame difference (pixels
+    in [0, 1]) x 100. A proxy: comparable across clips of one dataset, not with synthetic ones."""
+    return 50 * (video[:, 1:] - video[:, :-1]).abs().mean((1, 2, 3, 4))
+
+
+SPLIT = "split.json"             # a run folder's record of its held-out split (held_out)
+
+
+def held_out(folder, share, record=None):
+    """The held-out test files of a video folder, by file: the ceil(share x N) files (at least 2) whose
+    relative paths hash lowest, so the split depends on the names alone, not on their order or on the
+    machine. `record` (the run folder's split.json) keeps the first split: a later command reads it, so
+    a file added to the folder later only ever joins the training side. share 0: no split (empty set).
+    A split is by file, never within one, so a folder of one long video is refused: cut it into files."""
+    if record and os.path.isfile(record):
+        with open(record) as f:
+            kept = json.load(f)
+        if kept["test_share"] != share:
+            raise UserError(f"{record} holds the split of --test-share {kept['test_share']}, not {share}")
+        return set(kept["test"])
+    if share == 0:
+        return set()
+    names = folder.names()
+    n = max(2, math.ceil(share * len(names)))
+    if len(names) - n < 1:
+        raise UserError(f"{len(names)} usable video(s) in {folder.root}: too few for a held-out split by file (at "
+                        f"least 2 test videos and 1 training video; --test-share {share}). Add videos (one long "
+                        f"video: cut it into files, e.g. ffmpeg -i in.mp4 -f segment -segment_time 10 -c copy "
+                        f"part%03d.mp4), or give --test-share 0 to train on every file with no held-out report")
+    rank = lambda name: hashlib.sha256(name.encode()).hexdigest()                       # noqa: E731
+    test = sorted(sorted(names, key=rank)[:n])
+    if record:
+        _atomic_json(record, {"test_share": share, "test": test, "train": sorted(set(names) - set(test))})
+    return set(test)
 
 
 class StepBatches(torch.utils.data.Dataset):

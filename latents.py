@@ -60,10 +60,19 @@ def cache_key(cfg, out, dtype, encoder=autoencoder.AutoEncoder):
     which file every clip index reads), the precision they were encoded in, and the encoding code
     (`code_version`; encoder: the class that encodes, svd.SVDEncoders with --svd)."""
     return {"code": code_version(encoder), "ae": file_identity(cfg.svd or os.path.join(out, "ae.pt")),
-            "data": file_identity(cfg.data) if cfg.data else "synthetic",
+            "data": file_identity(cfg.data) if cfg.data else "synthetic", "held_out": held_out_files(cfg, out),
             "size": list(frame_size(cfg.size, cfg.image_size)), "num_frames": cfg.num_frames,
             "frame_stride": cfg.frame_stride, "motion_bucket": cfg.motion_bucket if cfg.svd else None,
             "seed": cfg.seed, "dtype": str(dtype)}
+
+
+def held_out_files(cfg, out):
+    """The test files of a folder run (its split.json): which files the training clips are drawn from."""
+    path = os.path.join(out, data.SPLIT)
+    if not cfg.data or not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["test"]
 
 
 def _differs(a, b):

@@ -230,9 +230,16 @@ def feature_loss(net, clip, labels):
     return loss
 
 
+def width_of(image_size):
+    """The FVD-syn network takes frames of any size; `extract` resizes videos whose width is not its
+    `image_size`, so a network trained on H x W frames is told W (a square side: itself)."""
+    return image_size if isinstance(image_size, int) else image_size[1]
+
+
 def train_feature_net(source, image_size, num_frames, path, steps=1500, batch_size=32, device="cpu",
-                      frame_stride=1, seed=0):
-    """Train the FVD-syn network on `source` ("synthetic" or a folder of videos) and save it to `path`."""
+                      frame_stride=1, seed=0, exclude=()):
+    """Train the FVD-syn network on `source` ("synthetic" or a folder of videos, without the files named
+    in `exclude`: a run's held-out test files) and save it to `path`."""
     if steps < 3:
         raise UserError(f"the FVD-syn network needs at least 3 training steps, not {steps}")
     torch.manual_seed(seed)
@@ -240,8 +247,15 @@ def train_feature_net(source, image_size, num_frames, path, steps=1500, batch_si
     if synthetic:
         data = SyntheticVideos(image_size, 2 * num_frames, "train", device)
     else:
-        data = VideoFolder(source, image_size, 2 * num_frames, frame_stride)
-    net = FeatureNet(image_size, num_frames).to(device)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data = VideoFolder(source, image_size, 2 * num_frames, frame_stride)
+                data = data.only(exclude, keep=False) if exclude else data
+        except UserError as e:
+            raise UserError(f"{e}: the FVD-syn network trains on clips of {2 * num_frames} frames (twice the "
+                            f"clip length, for its speed labels); use I3D (--i3d FILE) for shorter videos") from None
+    net = FeatureNet(width_of(image_size), num_frames).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     # a 5% warm-up, at least two steps (OneCycleLR divides by zero when its warm-up ends at step 0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps,
@@ -261,7 +275,7 @@ def train_feature_net(source, image_size, num_frames, path, steps=1500, batch_si
     net.standardise(ref.to(device))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_atomic({"source": source, "image_size": image_size, "num_frames": num_frames, "steps": steps,
-                 "model": net.state_dict()}, path)
+                 "excluded": sorted(exclude), "model": net.state_dict()}, path)
     return net
 
 
@@ -269,13 +283,16 @@ def load_feature_net(path, source, image_size, num_frames, device="cpu", **train
     """The cached FVD-syn network for this data and size; trained (and cached) if there is none."""
     if os.path.isfile(path):
         ck = torch.load(path, map_location="cpu", weights_only=False)
-        if (ck["source"], ck["image_size"], ck["num_frames"]) == (source, image_size, num_frames):
-            net = FeatureNet(image_size, num_frames)
+        if (ck["source"], ck["image_size"], ck["num_frames"], ck.get("excluded", [])) == (
+                source, image_size, num_frames, sorted(train_kw.get("exclude", ()))):
+            net = FeatureNet(width_of(image_size), num_frames)
             net.load_state_dict(ck["model"])
             return net.to(device).eval().requires_grad_(False)
         print(f"note: {path} was trained for {ck['source']} at {ck['image_size']}px x {ck['num_frames']} "
               f"frames; training one for {source} at {image_size}px x {num_frames}")
-    print(f"training the FVD-syn feature network on {source}; cached in {path}")
+    print(f"training the FVD-syn feature network on {source}"
+          + (f" without its {len(train_kw['exclude'])} held-out files" if train_kw.get("exclude") else "")
+          + f"; cached in {path}")
     return train_feature_net(source, image_size, num_frames, path, device=device, **train_kw)
 
 

@@ -20,7 +20,8 @@ from tqdm import tqdm
 import latents
 import svd
 from autoencoder import AutoEncoder
-from data import FixedMotion, SyntheticVideos, UserError, VideoFolder, frame_size, save_atomic, write_video
+from data import (SPLIT, FixedMotion, SyntheticVideos, UserError, VideoFolder, frame_size, held_out, save_atomic,
+                  write_video)
 from metric import diagnostics
 from sample import generate
 
@@ -77,9 +78,14 @@ class Run:
         """The training and evaluation clips: a folder of videos, or the synthetic train and test splits."""
         hw = frame_size(cfg.size, cfg.image_size)                                    # (H, W)
         if cfg.data:
-            self.dataset = VideoFolder(cfg.data, hw, cfg.num_frames, cfg.frame_stride,
-                                       cache=os.path.join(out, "data_index.json") if self.master else None)
-            self.eval_set, self.eval_name = self.dataset, f"clips of {cfg.data} (not held out)"
+            folder = VideoFolder(cfg.data, hw, cfg.num_frames, cfg.frame_stride,
+                                 cache=os.path.join(out, "data_index.json") if self.master else None)
+            # the held-out split by file, recorded in split.json: no training stage reads a test file
+            test = held_out(folder, cfg.test_share, os.path.join(out, SPLIT))
+            self.dataset = folder.only(test, keep=False) if test else folder
+            self.eval_set = folder.only(test) if test else folder
+            self.eval_name = (f"held-out clips of {cfg.data} (the test split, {len(self.eval_set)} files)" if test
+                              else f"clips of {cfg.data} (not held out: --test-share 0)")
         else:
             self.dataset = SyntheticVideos(hw, cfg.num_frames, "train", self.device)
             self.eval_set = SyntheticVideos(hw, cfg.num_frames, "test", self.device)
@@ -117,7 +123,8 @@ class Run:
             yield
 
     def eval_batch(self, n):
-        """The first n clips of the evaluation set (the synthetic test split): video, fps, motion."""
+        """The first n clips of the evaluation set (the test split, synthetic or held-out files): video, fps,
+        motion."""
         if self._eval is None or len(self._eval["video"]) < n:
             first = 10 ** 9 if self.eval_set is self.dataset else 0   # folder: clip indices no step reads
             b = self.eval_set.batch(range(first, first + n))
@@ -179,8 +186,8 @@ class Run:
 
 
 # what a run folder is made from: its first command stores these in run.json, later commands inherit them
-RUN_DEFINING = ("preset", "data", "image_size", "size", "num_frames", "frame_stride", "svd", "ae_channels",
-                "ae_latent_channels")
+RUN_DEFINING = ("preset", "data", "image_size", "size", "num_frames", "frame_stride", "test_share", "svd",
+                "ae_channels", "ae_latent_channels")
 
 
 def inherit(args):

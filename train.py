@@ -52,7 +52,7 @@ import unet
 from autoencoder import AEConfig, AutoEncoder, ae_loss, measure_scale_factor, psnr
 from config import ABLATIONS, PREFIX, PRESETS, RUN_FIELDS, STAGES, Config, check, flag_help
 from data import Parser, StepBatches, UserError, write_video
-from evaluate import write_report
+from report import SVD_NUM, write_report
 from run import RUN_DEFINING, Run, inherit, save_atomic, stage_checks
 from sample import cfg_scale, load_ae, load_checkpoint, load_teacher
 
@@ -566,11 +566,12 @@ def main(argv=None):
         else:
             for s in stages:
                 encode_latents(cfg, run, args.fresh) if s == "latents" else train_stage(s, cfg, run, mode)
-        if keep and run.master and not cfg.data and not cfg.size:
-            write_report(args.out, cfg.report_clips, str(run.device), cfg.feature_steps)
+        if keep and run.master and cfg.data and not cfg.test_share:
+            print("report: none, this run holds no clip out (--test-share 0); compare samples with "
+                  "`python evaluate.py --real FOLDER --fake SAMPLES`")
         elif keep and run.master:
-            print("report: the replication report measures square synthetic runs; for a folder of videos "
-                  "or another --size compare samples with `python evaluate.py --real FOLDER --fake SAMPLES`")
+            write_report(args.out, cfg.report_clips or (SVD_NUM if cfg.svd else 1000), str(run.device),
+                         cfg.feature_steps)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

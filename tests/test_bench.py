@@ -66,3 +66,25 @@ def test_bench_errors(bad, says, capsys):
     assert train.main(["--bench", *bad]) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_cost_counts_the_rows_a_run_folder_gets(tmp_path, capsys):
+    """REPORT_ROWS are the rows report.sampler_rows gives a run with stage1.pt and stage2.pt (SVD as the
+    teacher), each key once; their NFE: 50, 16, 4, 2 for the teacher, 18 for the students. The FLOPs of
+    one call are counted on the meta device, equal for equal shapes and growing with the frames; with no
+    GPU the seconds are printed as an estimate."""
+    import json
+    import report
+    (tmp_path / "run.json").write_text(json.dumps({"svd": "some/folder"}))
+    for name in ("stage1.pt", "stage2.pt"):
+        (tmp_path / name).write_bytes(b"")
+    keys = list(dict.fromkeys(r[2] for r in report.sampler_rows(str(tmp_path))))
+    assert sorted(keys, key=str) == sorted(bench.REPORT_ROWS, key=str)
+    assert [bench.nfe(k) for k in bench.REPORT_ROWS[:4]] == [50, 16, 4, 2]
+    assert sum(map(bench.nfe, bench.REPORT_ROWS[4:])) == 18
+    one, two = bench.unet_flops("tiny", (1, 2, 2, 3)), bench.unet_flops("tiny", (1, 4, 2, 3))
+    assert 0 < one < two and one == bench.unet_flops("tiny", (1, 2, 2, 3))
+    r = bench.report_cost("tiny", (1, 2, 2, 3), 250)
+    out = capsys.readouterr().out
+    assert r["flops"] == one and r["nfe"] == 90 and "ESTIMATE at an assumed 400 TFLOP/s" in out
+    assert re.search(r"at N = 250: the teacher's 25 steps 50 NFE per clip", out)

@@ -160,6 +160,50 @@ def test_folder_errors(tmp_path):
         VideoFolder(str(tmp_path / "missing"), 16, 8)
 
 
+def _clips_folder(root, n, size=(32, 48), frames=8):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        write_video(str(root / f"v{i:02d}.mp4"), SyntheticVideos(size, frames).batch([i])["video"][0], fps=8)
+    return root
+
+
+def test_held_out_split_is_by_file_recorded_and_the_same_on_a_second_command(tmp_path):
+    """The test files: ceil(share x N) of them (at least 2), chosen by a hash of the relative path alone,
+    so the same names give the same split in any order or folder; split.json keeps it, and a file added
+    later joins the training side only."""
+    folder = VideoFolder(str(_clips_folder(tmp_path / "a", 10)), 16, 4)
+    record = str(tmp_path / "run" / "split.json")
+    os.makedirs(os.path.dirname(record))
+    test = data.held_out(folder, 0.25, record)
+    assert len(test) == 3 and test <= set(folder.names())
+    kept = __import__("json").load(open(record))
+    assert kept["test"] == sorted(test) and set(kept["train"]) == set(folder.names()) - test
+    train_part, test_part = folder.only(test, keep=False), folder.only(test)
+    assert {os.path.relpath(p, folder.root) for p, _ in train_part.files}.isdisjoint(test)
+    assert len(train_part) + len(test_part) == len(folder) and set(test_part.names()) == test
+    b = train_part.batch(range(40))                          # clips are drawn from the training files only
+    assert b["video"].shape == (40, 4, 3, 16, 16)
+    again = VideoFolder(str(_clips_folder(tmp_path / "b", 10)), 16, 4)       # the same names elsewhere
+    assert data.held_out(again, 0.25) == test
+    _clips_folder(tmp_path / "a", 14)                                         # four files more
+    grown = VideoFolder(str(tmp_path / "a"), 16, 4)
+    assert data.held_out(grown, 0.25, record) == test                         # the recorded split stands
+    assert data.held_out(grown, 0.25) != test                                 # (unrecorded, it would move)
+    with pytest.raises(UserError, match="--test-share 0.25, not 0.5"):
+        data.held_out(grown, 0.5, record)
+    assert data.held_out(grown, 0.0) == set()
+
+
+def test_a_folder_too_small_to_split_says_so(tmp_path):
+    folder = VideoFolder(str(_clips_folder(tmp_path / "v", 2)), 16, 4)
+    with pytest.raises(UserError, match="2 usable video.*too few for a held-out split.*--test-share 0"):
+        data.held_out(folder, 0.1, str(tmp_path / "split.json"))
+    assert not os.path.exists(tmp_path / "split.json")
+    one = VideoFolder(str(_clips_folder(tmp_path / "one", 1)), 16, 4)
+    with pytest.raises(UserError, match="cut it into files"):                 # one long video: refused
+        data.held_out(one, 0.5)
+
+
 # ---------------------------------------------------------------------------------------- images
 
 def _write_png(path, array, pix_fmt):

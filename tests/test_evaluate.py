@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import evaluate
+import report
 import metric
 from data import SyntheticVideos, UserError, write_video
 from metric import (I3D, blurred, compare, diagnostics, extract, fd_interval, frechet_distance, gaussian_stats, paired_fd,
@@ -172,7 +173,7 @@ def test_i3d_sees_224x224_at_any_size_in_both_protocols(tmp_path, h, w):
     assert sgv[:5] == [2, 3, 9, h, w] and 0 <= sgv[5] < sgv[6] <= 255 and sgv[7:] == [1, 1]
 
 
-def test_i3d_path_and_cli(tmp_path, capsys):
+def test_i3d_path_and_cli(tmp_path, capsys, monkeypatch):
     stub = str(tmp_path / "i3d.pt")
     torch.jit.script(I3DStandIn()).save(stub)
     i3d = I3D(stub)
@@ -184,7 +185,19 @@ def test_i3d_path_and_cli(tmp_path, capsys):
     for i in range(12):
         write_video(str(real / f"{i:02d}.mp4"), v[i], scale=1)
         write_video(str(fake / f"{i:02d}.mp4"), static(v[i:i + 1])[0], scale=1)
+    # real videos are measured with StyleGAN-V's protocol unless --i3d-protocol says otherwise (the stand-in
+    # takes the crop protocol's input: it is given that protocol whatever was asked)
+    asked, real_i3d = [], evaluate.I3D
+    monkeypatch.setattr(evaluate, "I3D", lambda path, device, protocol: asked.append(protocol) or real_i3d(path, device))
     assert evaluate.main(["--real", str(real), "--fake", str(fake), "--i3d", stub, "--num", "12"]) == 0
+    assert evaluate.main(["--real", "synthetic", "--fake", str(fake), "--i3d", stub, "--num", "12"]) == 0
+    assert evaluate.main(["--real", str(real), "--fake", str(fake), "--i3d", stub, "--num", "12",
+                          "--i3d-protocol", "crop"]) == 0
+    assert asked == ["stylegan-v", "crop", "crop"]
+    monkeypatch.setattr(evaluate, "I3D", real_i3d)
+    capsys.readouterr()
+    assert evaluate.main(["--real", str(real), "--fake", str(fake), "--i3d", stub, "--num", "12", "--i3d-protocol",
+                          "crop"]) == 0
     out = capsys.readouterr().out
     assert "FVD " in out and "static-video rate 1.000" in out and "first-frame PSNR" in out and "n/a" not in out
     # the synthetic test split as the real set: files named by test index pair with it
@@ -192,7 +205,7 @@ def test_i3d_path_and_cli(tmp_path, capsys):
     assert "n/a" not in capsys.readouterr().out
     # several sets: each later one against the first on the paired ruler (the real set resampled with them)
     assert evaluate.main(["--real", str(real), "--fake", str(fake), "--fake", str(real), "--i3d", stub,
-                          "--num", "12"]) == 0
+                          "--num", "12", "--i3d-protocol", "crop"]) == 0
     out = capsys.readouterr().out
     assert "the real set resampled with them" in out
     assert re.search(rf"{re.escape(str(real))}: FVD difference -[\d.]+ \[-[\d.]+, -[\d.]+\], ratio .*: better", out)
@@ -280,12 +293,12 @@ def test_a_cached_row_is_keyed_on_its_code(tmp_path, monkeypatch):
     (tmp_path / "stage2.pt").write_bytes(b"weights")
     (tmp_path / "net.pt").write_bytes(b"ruler")
     key = ("stage2.pt", 1, None, "tts")
-    ident = evaluate.row_identity(str(tmp_path), key, 6, 32, 8, 0.5, None, str(tmp_path / "net.pt"))
-    before = evaluate.row_path(str(tmp_path), key, ident)
-    assert before == evaluate.row_path(str(tmp_path), key, dict(ident))        # the same row, the same file
+    ident = report.row_identity(str(tmp_path), key, 6, 32, 8, 0.5, None, str(tmp_path / "net.pt"))
+    before = report.row_path(str(tmp_path), key, ident)
+    assert before == report.row_path(str(tmp_path), key, dict(ident))        # the same row, the same file
 
     def generate(*args, **kwargs):                                             # a changed sampler
         return None
-    monkeypatch.setattr(evaluate.sample, "generate", generate)
-    ident2 = evaluate.row_identity(str(tmp_path), key, 6, 32, 8, 0.5, None, str(tmp_path / "net.pt"))
-    assert ident2["code"] != ident["code"] and evaluate.row_path(str(tmp_path), key, ident2) != before
+    monkeypatch.setattr(report.sample, "generate", generate)
+    ident2 = report.row_identity(str(tmp_path), key, 6, 32, 8, 0.5, None, str(tmp_path / "net.pt"))
+    assert ident2["code"] != ident["code"] and report.row_path(str(tmp_path), key, ident2) != before

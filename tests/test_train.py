@@ -19,6 +19,7 @@ import torch
 
 import config
 import evaluate
+import report
 import sample
 from data import SyntheticVideos, write_video
 import train
@@ -164,42 +165,42 @@ def test_ablations_make_table2_and_rows_are_made_once(tiny_run, tmp_path, monkey
                                                         "_decoded": "stage1_decoded.pt"}
     assert init["_m1"]["config"]["m"] == 1 and init["_no-adv"]["config"]["lambda_adv"] == 0
     assert torch.load(os.path.join(out, "stage1_decoded.pt"), weights_only=False)["config"]["disc_input"] == "decoded"
-    report = open(os.path.join(out, "report.md")).read()
-    table2 = report.split("## Table 2")[1].split("\n## ")[0]
+    text = open(os.path.join(out, "report.md")).read()
+    table2 = text.split("## Table 2")[1].split("\n## ")[0]
     for row in "abcdef":
         assert re.search(rf"^\| \({row}\) \| .+ \| [\d.]+x \[[\d.-]+, [\d.-]+\]x \| [\d.]+x \| "
                          rf"(reproduced|opposite|not resolved) \|$", table2, re.M), row
     assert "of the 6 ablations measured reproduce the paper's direction" in table2
-    assert "stage1_no-adv" not in report                  # an ablation's own Stage 1 is no row of its own
+    assert "stage1_no-adv" not in text                  # an ablation's own Stage 1 is no row of its own
     rows = sorted(os.listdir(os.path.join(out, "rows")))
-    assert len(rows) == 17 and "rows were read" not in report
+    assert len(rows) == 17 and "rows were read" not in text
 
-    real_row, real_load = evaluate.run_row, evaluate.load_model
-    monkeypatch.setattr(evaluate, "run_row", lambda *a, **k: pytest.fail("a row was generated again"))
+    real_row, real_load = report.run_row, report.load_model
+    monkeypatch.setattr(report, "run_row", lambda *a, **k: pytest.fail("a row was generated again"))
     assert evaluate.main(["--run", out, "--num", "6", "--feature-steps", "5"]) == 0
     again = open(os.path.join(out, "report.md")).read()
     assert "17 of 17 rows were read from `rows/`" in again
     strip = lambda text: re.sub(r"\*", "", text.split("## Table 1")[1])              # noqa: E731
-    assert strip(again) == strip(report)                  # the same numbers, every ms marked as measured then
+    assert strip(again) == strip(text)                  # the same numbers, every ms marked as measured then
 
     for name in rows:                                      # stage2.pt's rows are gone: only they are made again
         if re.match(r"stage2_\d", name):
             os.remove(os.path.join(out, "rows", name))
     loads, made = [], []
-    monkeypatch.setattr(evaluate, "load_model", lambda path, *a: loads.append(os.path.basename(path)) or real_load(path, *a))
+    monkeypatch.setattr(report, "load_model", lambda path, *a: loads.append(os.path.basename(path)) or real_load(path, *a))
 
     def interrupted_row(*a, **k):
         if len(made) == 2:
             raise KeyboardInterrupt
         made.append(1)
         return real_row(*a, **k)
-    monkeypatch.setattr(evaluate, "run_row", interrupted_row)
+    monkeypatch.setattr(report, "run_row", interrupted_row)
     with pytest.raises(KeyboardInterrupt):
-        evaluate.write_report(out, num=6, feature_steps=5)
+        report.write_report(out, num=6, feature_steps=5)
     assert len(os.listdir(os.path.join(out, "rows"))) == 17 - 7 + 2          # the two finished rows are kept
-    monkeypatch.setattr(evaluate, "run_row", lambda *a, **k: made.append(1) or real_row(*a, **k))
+    monkeypatch.setattr(report, "run_row", lambda *a, **k: made.append(1) or real_row(*a, **k))
     loads.clear()
-    evaluate.write_report(out, num=6, feature_steps=5)
+    report.write_report(out, num=6, feature_steps=5)
     assert loads == ["stage2.pt"] and len(made) == 2 + 5 and len(os.listdir(os.path.join(out, "rows"))) == 17
 
 
@@ -220,7 +221,7 @@ def test_ablations_of_a_second_seed_train_both_arms(tiny_run, tmp_path, monkeypa
                     ("2", "decoded-seed1", 1, 5, False, 0.1, "decoded", "seed1")]
     for name in ("stage1.pt", "stage2.pt", "stage1_seed1.pt", "stage2_seed1.pt", "stage2_m1-seed1.pt", "stage2_mine.pt"):
         open(tmp_path / name, "w").close()
-    rows = evaluate.sampler_rows(str(tmp_path))
+    rows = report.sampler_rows(str(tmp_path))
     seed1 = [r for r in rows if r[3] == ("stage2_seed1.pt", 1, None, "tts")]
     assert [(r[4] or ("", 0))[0] for r in seed1] == ["", "a", "c", "c", "f", "f", "f"]
     assert ("stage2_m1-seed1.pt", 1, None, "tts") in [r[2] for r in seed1]
@@ -351,9 +352,9 @@ def test_grad_accum_takes_the_same_step(tmp_path, monkeypatch, fast_args):
 def test_non_square_frames_train_and_sample(tmp_path, capsys, fast_args, micro_args):
     """--size HxW: every network (autoencoder, UNet, discriminator) on non-square frames, end to end."""
     out = str(tmp_path / "r")
-    assert train.main(["--stage", "all", "--size", "16x32", "--steps", "2", "--out", out, *micro_args,
-                       *fast_args]) == 0
-    assert "measures square synthetic runs" in capsys.readouterr().out    # the report's ruler is square
+    assert train.main(["--stage", "all", "--size", "16x32", "--steps", "2", "--out", out, "--report-clips", "6",
+                       "--feature-steps", "3", *micro_args, *fast_args]) == 0
+    assert "6 held-out synthetic test clips (16x32, 8 frames)" in open(os.path.join(out, "report.md")).read()
     assert sample.main(["--ckpt", os.path.join(out, "stage2.pt"), "--out", str(tmp_path / "v.mp4")]) == 0
     with av.open(str(tmp_path / "v.mp4")) as c:
         frame = next(c.decode(video=0))
@@ -500,8 +501,8 @@ def test_a_run_folder_remembers_its_data_and_sizes(tmp_path, capsys, fast_args, 
     for i in range(2):
         write_video(str(videos / f"{i}.mp4"), SyntheticVideos(32, 8).batch([i])["video"][0], fps=8)
     out = str(tmp_path / "r")
-    assert train.main(["--stage", "ae", "--steps", "1", "--data", str(videos), "--num-frames", "4", "--out", out,
-                       *fast_args]) == 0
+    assert train.main(["--stage", "ae", "--steps", "1", "--data", str(videos), "--num-frames", "4", "--test-share",
+                       "0", "--out", out, *fast_args]) == 0
     assert train.main(["--stage", "teacher", "--steps", "1", "--out", out, *micro_args, *fast_args]) == 0
     cfg = torch.load(os.path.join(out, "teacher.pt"), weights_only=False)["config"]
     assert cfg["data"] == str(videos) and cfg["num_frames"] == 4               # inherited, not synthetic
