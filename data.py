@@ -15,6 +15,7 @@ import argparse
 import copy
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -445,6 +446,12 @@ def save_atomic(obj, path, text=False):
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def source_hash(*parts):
+    """12 hex digits of a hash of the source code of `parts` (functions, classes, modules): a cache's
+    code version (the latent cache's entries, the report's rows), so nothing is read by newer code."""
+    return hashlib.sha256("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:12]
 
 
 def _atomic_json(path, obj):

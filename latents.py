@@ -15,8 +15,6 @@ names the run that made them (`key`: autoencoder, frame size and count, data) an
 shards with their sizes. meta.json is rewritten after every shard, so an interrupted encoding resumes.
 Read first: `write_cache`, then `LatentCache.batch`.
 """
-import hashlib
-import inspect
 import json
 import os
 
@@ -49,9 +47,8 @@ def code_version(encoder):
     """The cache's format version: a hash of the code that turns a clip index into its entry (reading and
     cropping the clips, the encoder class `encoder`, latents_and_condition). A change to any of it
     changes the key, so old latents are never read by new code."""
-    parts = (data._uniform, data.bounce, data.SyntheticVideos, data._fit, data._frame_to_array, data._to_tensor,
-             data.VideoFolder, data.FixedMotion, encoder, unet.latents_and_condition)
-    return hashlib.sha256("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:12]
+    return data.source_hash(data._uniform, data.bounce, data.SyntheticVideos, data._fit, data._frame_to_array,
+                            data._to_tensor, data.VideoFolder, data.FixedMotion, encoder, unet.latents_and_condition)
 
 
 def cache_key(cfg, out, dtype, encoder=autoencoder.AutoEncoder):
@@ -91,10 +88,7 @@ def read_meta(folder):
 
 
 def _write_meta(folder, meta):
-    tmp = os.path.join(folder, f"meta.json.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(folder, "meta.json"))
+    data.save_atomic(json.dumps(meta, indent=1), os.path.join(folder, "meta.json"), text=True)
 
 
 def write_cache(folder, key, clips, batches, fresh=False):

@@ -13,7 +13,6 @@ evaluate.py's `--run`.
 import dataclasses
 import glob
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -33,7 +32,7 @@ import svd
 import unet
 from config import ABLATIONS, Config
 from data import (SPLIT, FixedMotion, SyntheticVideos, UserError, VideoFolder, frame_size, held_out, save_atomic,
-                  write_video)
+                  source_hash, write_video)
 from metric import (I3D, bias_corrected, compare, diagnostics, extract, fd_boot, interval, load_feature_net,
                     paired_fd)
 from sample import TTS_SIGMA, cfg_scale, generate, load_checkpoint, load_model, load_svd
@@ -174,12 +173,11 @@ def row_code():
     """A hash of the code that makes and measures a row from a checkpoint: the networks (unet.py, the
     autoencoder, LoRA's merge, SVD's encoders), the samplers, `run_row`, the ruler's features and the
     diagnostics. Any change to it makes every row anew: a cached row is never older than its code."""
-    parts = (unet, autoencoder, lora.LoRA, lora.merge_lora, svd.SVDEncoders, svd.init_noise_scale, sample.to_d,
-             sample.karras_sigmas, sample.sigma_grid, sample.consistency_sigmas, sample.cfg_scale, sample.guided,
-             sample.sample_euler, sample.sample_heun, sample.sample_consistency, sample.sample_tts,
-             sample.sample_tts_text, sample.generate, ROW_MAKER, metric.FeatureNet, metric.extract,
-             metric.motion_magnitude, metric.first_frame_psnr, metric.diagnostics)
-    return hashlib.sha256("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:12]
+    return source_hash(unet, autoencoder, lora.LoRA, lora.merge_lora, svd.SVDEncoders, svd.init_noise_scale,
+                       sample.to_d, sample.karras_sigmas, sample.sigma_grid, sample.consistency_sigmas, sample.cfg_scale,
+                       sample.guided, sample.sample_euler, sample.sample_heun, sample.sample_consistency,
+                       sample.sample_tts, sample.sample_tts_text, sample.generate, ROW_MAKER, metric.FeatureNet,
+                       metric.extract, metric.motion_magnitude, metric.first_frame_psnr, metric.diagnostics)
 
 
 def folder_id(path):
