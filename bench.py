@@ -106,7 +106,8 @@ def unet_flops(name, shape):
     B, T, h, w = shape
     with torch.device("meta"):
         x, sigma = torch.randn(B, T, 4, h, w), torch.ones(B)
-        cond = {"concat": torch.randn(B, 4, h, w), "image": torch.randn(B, 1, cfg.context_dim), "micro": torch.randn(B, 3)}
+        cond = {"concat": torch.randn(B, 4, h, w), "image": torch.randn(B, 1, cfg.context_dim),
+                "micro": torch.randn(B, 3)}
     with FlopCounterMode(display=False) as count, torch.no_grad():
         D(x, sigma, cond)
     return count.get_total_flops()
@@ -118,8 +119,8 @@ def time_call(name, shape, device, dtype, calls=3):
     D, cfg = random_denoiser(name, device, False)
     B, T, h, w = shape
     x, sigma = torch.randn(B, T, 4, h, w, device=device), torch.ones(B, device=device)
-    cond = {"concat": torch.randn(B, 4, h, w, device=device), "image": torch.randn(B, 1, cfg.context_dim, device=device),
-            "micro": torch.randn(B, 3, device=device)}
+    cond = {"concat": torch.randn(B, 4, h, w, device=device),
+            "image": torch.randn(B, 1, cfg.context_dim, device=device), "micro": torch.randn(B, 3, device=device)}
     times = []
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         for _ in range(calls + 1):
@@ -142,7 +143,8 @@ def report_cost(name, shape, num, sec_per_call=None, log=print):
     how = (f"measured: {sec:.3f} s per call" if sec_per_call else
            f"an ESTIMATE at an assumed {ASSUMED_TFLOPS} TFLOP/s sustained (40% of an H100 SXM's dense bf16 peak), "
            f"{sec:.3f} s per call")
-    log(f"report cost: one UNet call on {tuple(shape)} latents: {flops / 1e12:.1f} TFLOP (counted; decodes not counted)")
+    log(f"report cost: one UNet call on {tuple(shape)} latents: {flops / 1e12:.1f} TFLOP "
+        "(counted; decodes not counted)")
     log(f"report cost at N = {num}: the teacher's 25 steps {teacher} NFE per clip = {num * teacher * flops / 1e15:.0f} "
         f"PFLOP; all {len(REPORT_ROWS)} rows of a run with stage1.pt and stage2.pt {every} NFE per clip = "
         f"{num * every * flops / 1e15:.0f} PFLOP")

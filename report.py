@@ -174,10 +174,11 @@ def row_code():
     autoencoder, LoRA's merge, SVD's encoders), the samplers, `run_row`, the ruler's features and the
     diagnostics. Any change to it makes every row anew: a cached row is never older than its code."""
     return source_hash(unet, autoencoder, lora.LoRA, lora.merge_lora, svd.SVDEncoders, svd.init_noise_scale,
-                       sample.to_d, sample.karras_sigmas, sample.sigma_grid, sample.consistency_sigmas, sample.cfg_scale,
-                       sample.guided, sample.sample_euler, sample.sample_heun, sample.sample_consistency,
-                       sample.sample_tts, sample.sample_tts_text, sample.generate, ROW_MAKER, metric.FeatureNet,
-                       metric.extract, metric.motion_magnitude, metric.first_frame_psnr, metric.diagnostics)
+                       sample.to_d, sample.karras_sigmas, sample.sigma_grid, sample.consistency_sigmas,
+                       sample.cfg_scale, sample.guided, sample.sample_euler, sample.sample_heun,
+                       sample.sample_consistency, sample.sample_tts, sample.sample_tts_text, sample.generate,
+                       ROW_MAKER, metric.FeatureNet, metric.extract, metric.motion_magnitude, metric.first_frame_psnr,
+                       metric.diagnostics)
 
 
 def folder_id(path):
@@ -227,7 +228,8 @@ def held_out_clips(run_dir, cfg, num):
         if cfg.get("svd"):
             test = FixedMotion(test, cfg["motion_bucket"])
         real = {k: v for k, v in test.batch(range(num)).items() if k in ("video", "fps", "motion")}
-        what = f"{num} held-out synthetic test clips ({'x'.join(map(str, frame_size(cfg['size'], cfg['image_size'])))}, {T} frames)"
+        H, W = frame_size(cfg["size"], cfg["image_size"])
+        what = f"{num} held-out synthetic test clips ({H}x{W}, {T} frames)"
         return real, (real["video"], test.batch(range(num, 2 * num))["video"]), what, None, []
     record = os.path.join(run_dir, SPLIT)
     if not os.path.isfile(record):
@@ -351,7 +353,8 @@ def preamble(m, tts_sigma, sigma_max):
             f"between rows has the paired interval (one draw of clips for all rows), and its verdict is said only "
             f"where that interval excludes 0; a ratio's interval is the difference's divided by the reference, so it "
             f"excludes 1 exactly then. NFE = network evaluations per video (CFG counts two); ms = sampling + "
-            f"decoding per video on {m['device']} ({dev_name}, {m['dtype']}), batches of 50, measured when the row was generated.",
+            f"decoding per video on {m['device']} ({dev_name}, {m['dtype']}), batches of 50, measured when the row "
+            "was generated.",
             "", (f"**The floor at this N:** these {num} real clips against the next {num} give {R} {ci(*m['floor'])}"
                  if n_floor == num else f"**The floor at N/2:** the first {n_floor} of these real clips against the "
                  f"other {n_floor} give {R} {ci(*m['floor'])} (the split holds fewer than {2 * num} test files; at N "
