@@ -11,10 +11,11 @@ the EMA target's prediction, both on the student's own base (distill.ACD.step). 
 OSV's: the latent upsampler (r = 4) and a ViT-S/14 DINOv2 with random weights (transformers).
 The latents are random too: with the latent cache (latents.py) the stages never run the VAE or CLIP,
 so SVD's VAE and CLIP ViT-H/14 (random, their published configurations) sit where such a run keeps them,
-on the CPU, and visit the GPU for one mid-run sample: the decode of one video at full size, measured
-with the stage's weights and optimiser states still in memory. On CUDA both of PyTorch's counters are
-printed: allocated (what tensors hold) and reserved (what the caching allocator holds, which is what
-runs out).
+on the CPU, and the VAE visits the GPU for one mid-run sample: the decode of one video at full size
+(--decode-chunk frames per call), measured with the stage's weights and optimiser states still in
+memory. On CUDA both of PyTorch's counters are printed: allocated (what tensors hold) and reserved (what
+the caching allocator holds, which is what runs out). --estimate predicts both on any machine
+(estimate.py), on the same code path (`build_stage`).
 
 Read first: `bench`. `random:tiny` is the offline tiny UNet with SVD's conditioning, for the CPU tests.
 """
@@ -23,11 +24,13 @@ import gc
 import resource
 import sys
 import time
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import estimate
 import svd
 from data import UserError, frame_size, optional
 from discriminator import Discriminator, DINOv2Backbone, TransformersDINOv2
@@ -181,43 +184,74 @@ def weights_held(cfg, name, dtype):
             f"GiB; three fp32 copies of the base would be {gib(3 * 4 * n_base):.2f} GiB")
 
 
-def bench(cfg, name, size, steps=3, device="cuda", dtype=torch.bfloat16, log=print):
+def bench(cfg, name, size, steps=3, device="cuda", dtype=torch.bfloat16, log=print, estimate_only=False):
     """Time `steps` steps (after one warm-up) of Stage 1 and of Stage 2 at cfg.num_frames frames of
     size (H, W), batch 1, and one sample decode in each; returns {stage: time_stage's dict}. On CUDA the
     peaks are max_memory_allocated and max_memory_reserved (weights included); on the CPU the process's
-    peak RSS is logged."""
+    peak RSS is logged. estimate_only: no step runs; each stage's peaks are predicted on a fake CUDA
+    device (estimate_stage) and returned as {stage: estimate_stage's dict}."""
     H, W = size
     if name not in MODELS:
         raise UserError(f"--svd random:{name}: use one of {', '.join('random:' + m for m in MODELS)}")
     if H % 8 or W % 8:
         raise UserError(f"--size {H}x{W}: SVD's latents are 1/8 of the frame; use multiples of 8")
-    device = torch.device(device)
-    cuda = device.type == "cuda"
+    device = torch.device("cuda" if estimate_only else device)
+    cuda = device.type == "cuda" and not estimate_only
     B, T, h, w = 1, cfg.num_frames, H // 8, W // 8
-    log(f"bench: random {name} UNet ({count_parameters(MODELS[name]):,} parameters), {H}x{W}, {T} frames, "
-        f"batch {B}, {device} {str(dtype).split('.')[-1]}, gradient checkpointing "
+    chunk = f"{T} frames at {H}x{W}, {cfg.decode_chunk or T} per VAE call"
+    log(f"bench{' --estimate' if estimate_only else ''}: random {name} UNet ({count_parameters(MODELS[name]):,} "
+        f"parameters), {H}x{W}, {T} frames, batch {B}, {device} {str(dtype).split('.')[-1]}, gradient checkpointing "
         f"{'on' if cfg.grad_checkpoint else 'off'}")
     log(weights_held(cfg, name, dtype))
     report_cost(name, (B, T, h, w), SVD_NUM, time_call(name, (B, T, h, w), device, dtype) if cuda and steps else None,
                 log)
+    results = {}
+    if estimate_only:
+        for stage in ("1", "2") if steps else ():
+            r = results[stage] = estimate_stage(stage, cfg, name, (B, T, h, w), dtype)
+            log(f"stage {stage} ESTIMATE: {estimated(r['step'])}")
+            log(f"stage {stage} ESTIMATE, one sample decode ({chunk}) with the stage in memory: "
+                f"{estimated(r['decode'][cfg.decode_chunk or T])}")
+            fits = [c for c, p in r["decode"].items() if p[1] <= r["step"][1]]
+            if fits and max(fits) != (cfg.decode_chunk or T):
+                p = r["decode"][max(fits)]
+                log(f"stage {stage} ESTIMATE: with --decode-chunk {max(fits)} the decode stays within the step's "
+                    f"reserved memory: peak allocated {gib(p[0]):.2f} GiB, reserved about {gib(p[1]):.2f} GiB")
+            elif not fits:
+                log(f"stage {stage} ESTIMATE: the decode needs more than the step even one frame at a time "
+                    f"(--decode-chunk 1: reserved about {gib(r['decode'][1][1]):.2f} GiB)")
+        log(f"the estimate cannot see kernels' own buffers (cuBLAS/cuDNN workspaces, flash attention's backward "
+            f"scratch: add {RESERVE_MARGIN} GiB), fragmentation beyond its allocator model, nor the attention kernel "
+            "a given GPU and library pick; the CUDA context (about 0.5 GiB) is outside both counters")
+        return results
     grid = sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(device)
     enc = random_encoders(name) if steps else None          # on the CPU, as a run that reads the latent cache
     if enc is not None:
+        enc.chunk = cfg.decode_chunk
         log(f"SVD's VAE and CLIP: {sum(p.numel() for p in enc.parameters()) / 1e6:.0f}M parameters, fp32, on the CPU "
             f"but for the sample decode")
-    results = {}
     for stage in ("1", "2") if steps else ():  # each built afresh; the previous stage's memory is freed
         r = time_stage(stage, cfg, name, grid, (B, T, h, w), steps, device, dtype, enc)
         extra = "" if stage == "1" else f" (the teacher's {cfg.m} Euler steps with CFG: {2 * cfg.m} NFE)"
         log(f"stage {stage}: {memory(r['step'], cuda)}, {r['sec']:.3f} s per step (median of {steps} after 1 "
             f"warm-up){extra}")
-        log(f"stage {stage}, one sample decode ({T} frames at {H}x{W}, the VAE on {device} for it): "
+        log(f"stage {stage}, one sample decode ({chunk}; the VAE on {device} for it): "
             f"{memory(r['decode'], cuda)}, {r['decode_sec']:.2f} s")
         results[stage] = r
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     return results
+
+
+RESERVE_MARGIN = "0.1-0.5"
+
+
+def estimated(peak):
+    """An estimate_stage peak as printed."""
+    allocated, reserved, where = peak
+    return (f"peak allocated {gib(allocated):.2f} GiB, reserved about {gib(reserved):.2f} GiB (a model of CUDA's "
+            f"caching allocator{', expandable segments' if estimate.expandable_segments() else ''}), at: {where}")
 
 
 def memory(peak, cuda):
@@ -232,12 +266,13 @@ def cuda_peak(cuda):
     return (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if cuda else None
 
 
-def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, enc=None):
-    """Build stage `stage`'s student, discriminator, optimisers and EMA on a random SVD and time its
-    steps on random latents of `shape` (B, T, h, w), then one sample decode with `enc` (SVD's encoders,
-    moved to the device for it) while the stage is in memory. Returns {"step": peaks, "sec": seconds per
-    step, "decode": peaks, "decode_sec": seconds}; peaks are CUDA's (allocated, reserved) or None."""
-    cuda, (B, T, h, w) = device.type == "cuda", shape
+def build_stage(stage, cfg, name, grid, shape, device, dtype, part=lambda what: nullcontext()):
+    """Stage `stage`'s student (a LoRA student of a random SVD), discriminator, optimisers and EMA, and
+    random latents of `shape` (B, T, h, w). Returns (train_step(i): one step as train.py's loop makes it,
+    then Adam and the EMA; the networks {name: module}; the latents). part(what) names the parts of a step
+    for the estimate. Stage 1's levels are all at the top, where every fake meets the discriminator: its
+    largest step."""
+    B, T, h, w = shape
     torch.manual_seed(cfg.seed)
     D, ucfg = random_denoiser(name, device, cfg.grad_checkpoint)
     lora = {"rank": cfg.lora_rank, "convs": cfg.lora_convs, "blends": stage == "2"}
@@ -251,7 +286,7 @@ def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, enc=None):
             "image": torch.randn(B, 1, ucfg.context_dim, device=device),                 # CLIP's embedding
             "micro": torch.tensor([[7.0, 127.0, 0.02]], device=device)}                  # fps - 1, motion, aug
     if stage == "1":
-        lgp = LGP(grid, cfg.lambda_adv, cfg.huber_c, cfg.stage1_top, cfg.adv_min_sigma)
+        lgp = LGP(grid, cfg.lambda_adv, cfg.huber_c, 1.0, cfg.adv_min_sigma)
 
         def step(update):
             return lgp.step(D, disc, x0, cond, update)
@@ -260,14 +295,38 @@ def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, enc=None):
                   cfg.stage2_direct, cfg.direct_sigma)
 
         def f_target(*args):
-            with ema.swapped():
+            with ema.swapped(), part("the EMA target's forward"):
                 return D(*args)
 
         def step(update):
             return acd.step(D, f_target, teacher_of(D), disc, x0, cond, update)
+
+    def backward(loss, k):
+        with part(f"backward into the {k}"):
+            loss.backward(inputs=groups[k])
+
+    def train_step(i):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), part("forward"):
+            step(backward)
+        with part("Adam"):
+            for o in opts.values():
+                o.step()
+                o.zero_grad(set_to_none=True)
+        with part("EMA"):
+            ema.update(i)
+
     D.train()
     disc.train()
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    return train_step, {"student": D, "disc": disc}, x0
+
+
+def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, enc=None):
+    """Time `steps` steps (after one warm-up) of stage `stage` (build_stage), then one sample decode with
+    `enc` (SVD's encoders, moved to the device for it) while the stage is in memory. Returns {"step": peaks,
+    "sec": seconds per step, "decode": peaks, "decode_sec": seconds}; peaks are CUDA's (allocated, reserved)
+    or None."""
+    cuda = device.type == "cuda"
+    train_step, _, x0 = build_stage(stage, cfg, name, grid, shape, device, dtype)
     times = []
     for i in range(steps + 1):                                    # the first is warm-up
         if cuda:
@@ -275,12 +334,7 @@ def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, enc=None):
             if i == 1:
                 torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        with autocast:
-            step(lambda loss, k: loss.backward(inputs=groups[k]))
-        for o in opts.values():
-            o.step()
-            o.zero_grad(set_to_none=True)
-        ema.update(i)
+        train_step(i)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -288,22 +342,56 @@ def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, enc=None):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with torch.no_grad(), svd.resident(enc, device):              # as run.stage_checks: fp32, no autocast
+    with torch.no_grad(), svd.resident(enc.vae, device):          # as run.stage_checks: fp32, no autocast
         enc.decode_video(x0.float())
     if cuda:
         torch.cuda.synchronize()
     return {**out, "decode": cuda_peak(cuda), "decode_sec": time.perf_counter() - t0}
 
 
-def main(cfg, steps=3):
+def estimate_stage(stage, cfg, name, shape, dtype):
+    """Stage `stage`'s peak GPU memory predicted without a GPU (estimate.py): build_stage, a warm-up step
+    and a step on a fake CUDA device, then one sample decode with SVD's encoders brought over from the CPU,
+    as time_stage, at --decode-chunk and at fewer frames per call until the decode's reserved memory is
+    within the step's. Returns {"step": peak, "decode": {chunk: peak}}, each peak (allocated, reserved
+    estimate, where)."""
+    expandable = estimate.expandable_segments()
+    with estimate.fake_gpu() as tally:
+        device, T = torch.device("cuda"), shape[1]
+        grid = sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(device)
+        train_step, nets, x0 = build_stage(stage, cfg, name, grid, shape, device, dtype, tally.part)
+        with torch.device("cpu"):
+            enc = random_encoders(name)
+        tally.watch({**nets, "vae": enc.vae})
+        train_step(0)                                             # Adam's moments appear
+        tally.reset_peak()
+        train_step(1)
+        out = {"step": (tally.peak, estimate.Allocator.replay(tally.events, expandable), tally.at), "decode": {}}
+        with torch.no_grad(), svd.resident(enc.vae, device):      # as run.stage_checks: fp32, no autocast
+            held = len(tally.events)
+            for chunk in sorted({cfg.decode_chunk or T, T, -(-T // 2), -(-T // 4), 2, 1}, reverse=True):
+                tally.reset_peak()
+                start = len(tally.events)
+                with tally.part("sample decode"):
+                    enc.decode_video(x0.float(), chunk)
+                reserved = estimate.Allocator.replay(tally.events[:held] + tally.events[start:], expandable)
+                out["decode"][chunk] = (tally.peak, reserved, tally.at)
+                if chunk <= (cfg.decode_chunk or T) and reserved <= out["step"][1]:
+                    break
+        return out
+
+
+def main(cfg, steps=3, estimate_only=False):
     """`python train.py --bench --svd random:svd-xt --size 320x576 --frames 14` (train.py's Config);
-    --bench-steps 0 prints the weights held alone (instant, on any machine)."""
+    --bench-steps 0 prints the weights held alone (instant, on any machine); --estimate predicts the peaks
+    (estimate_only)."""
     try:
         if not cfg.svd.startswith("random:"):
             raise UserError("--bench builds SVD's architecture with random weights: give --svd random:svd-xt")
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-        bench(cfg, cfg.svd.split(":", 1)[1], frame_size(cfg.size, cfg.image_size), steps, device, dtype)
+        dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.startswith("cuda") or estimate_only else "float32"))
+        bench(cfg, cfg.svd.split(":", 1)[1], frame_size(cfg.size, cfg.image_size), steps, device, dtype,
+              estimate_only=estimate_only)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

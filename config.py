@@ -90,6 +90,9 @@ class Config:
     # -- the loop (train.py)
     grad_checkpoint: bool = False   # gradient checkpointing per UNet block (less memory, more time)
     grad_accum: int = 1             # each step's batch in this many passes (less memory, the same step)
+    # frames per call of SVD's temporal VAE decoder in samples and checks (its decode_chunk_size); 0: all at
+    # once, as diffusers' pipeline (the most temporal consistency). The decode can outgrow the training step.
+    decode_chunk: int = 0
     cache_clips: int = 0            # --stage latents: clips to encode; 0: as many as the longest stage reads
     ema_decay: float = 0.999        # the EMA of the weights that samples and is evaluated
     grad_clip: float = 1.0          # gradient norm clipping
@@ -130,8 +133,8 @@ ABLATIONS = {
 }
 PREFIX = {"ae": "ae", "teacher": "teacher", "1": "stage1", "2": "stage2"}   # config-field prefixes
 # fields that may change when a run is resumed; anything else must match the checkpoint
-RUN_FIELDS = {"device", "dtype", "compile", "grad_checkpoint", "grad_accum", "cache_clips", "workers", "log_every",
-              "sample_every", "ckpt_every", "eval_clips", "report_clips", "feature_steps"} | {
+RUN_FIELDS = {"device", "dtype", "compile", "grad_checkpoint", "grad_accum", "decode_chunk", "cache_clips", "workers",
+              "log_every", "sample_every", "ckpt_every", "eval_clips", "report_clips", "feature_steps"} | {
               f"{p}_steps" for p in PREFIX.values()}
 
 

@@ -74,7 +74,7 @@ def jump_levels(grid, m, B, top_share=0.0, direct_share=0.0, direct_sigma=1.0):
     top, direct = u < top_share, (u >= top_share) & (u < top_share + direct_share)
     n = torch.where(top, len(grid) - 1 - m, n)                                         # t_{n+m} = t_N
     levels = torch.stack([grid[n + m - j] for j in range(m + 1)])                     # (m + 1, B)
-    down = karras_sigmas(m + 1, float(grid[0]), direct_sigma, rho=7.0)[:-1]          # direct_sigma ... sigma_min
+    down = karras_sigmas(m + 1, grid[0].double(), direct_sigma, rho=7.0)[:-1]       # direct_sigma ... sigma_min
     return torch.where(direct, down.to(levels).view(-1, 1), levels)
 
 

@@ -213,12 +213,13 @@ def stage_checks(label, ema, ae, run, cfg, steps, scale, sampler):
     held-out clips above the model's videos from their first frames (as the report samples them); the
     diagnostics on up to 64 of them. run: train.py's Run (eval_batch, device, eval_name, master)."""
     def videos(n, chunk=16, progress=False):
-        with svd.resident(ae, run.device):
-            return made(n, chunk, progress)
-
-    def made(n, chunk, progress):
         b = run.eval_batch(n)
-        cond = ae.condition(b["video"][:, 0], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
+        with svd.resident(ae, run.device):          # SVD's CLIP and VAE for the condition, the VAE for the decodes
+            cond = ae.condition(b["video"][:, 0], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
+        with svd.resident(getattr(ae, "vae", ae), run.device):
+            return b["video"], made(cond, n, chunk, progress)
+
+    def made(cond, n, chunk, progress):
         fake = []
         with ema.swapped() as D:                    # chunks of 16 clips, each its own seed: a progress bar
             for i in tqdm(range(0, n, chunk), desc=f"{label}: check", disable=not (progress and run.master),
@@ -226,7 +227,7 @@ def stage_checks(label, ema, ae, run, cfg, steps, scale, sampler):
                 z, _ = generate(D, {k: v[i:i + chunk] for k, v in cond.items()}, cfg.num_frames, steps, scale,
                                 sampler, cfg.sigma_min, cfg.sigma_max, seed=cfg.seed + i, grid_size=cfg.grid_size)
                 fake.append(ae.decode_video(z).clamp(-1, 1))
-        return b["video"], torch.cat(fake)
+        return torch.cat(fake)
 
     def sample(path):
         write_video(path, torch.cat(videos(4)), fps=8, ncol=4)          # top: real; bottom: generated

@@ -31,10 +31,11 @@ from unet import Denoiser, UNetConfig, scalings
 
 def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """n noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho), then 0
-    (EDM Eq. 5; EDM's defaults sigma_min 0.002, sigma_max 80, rho 7)."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    (EDM Eq. 5; EDM's defaults sigma_min 0.002, sigma_max 80, rho 7). sigma_min may be a float64 0-d
+    tensor: no value is read from the device."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64, device=sigma_min.device if torch.is_tensor(sigma_min) else None)
     s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+    return torch.cat([s, ramp.new_zeros(1)])
 
 
 def sigma_grid(n=100, sigma_min=0.002, sigma_max=80.0, rho=7.0):

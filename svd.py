@@ -290,6 +290,7 @@ class SVDEncoders(nn.Module):
         self.register_buffer("scale_factor", torch.tensor(1 / vae.config.scaling_factor))
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)           # SVD's: 8
         self.cfg = SimpleNamespace(latent_channels=vae.config.latent_channels)
+        self.chunk = 0                                             # decode_video's default: all frames at once
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
@@ -326,11 +327,11 @@ class SVDEncoders(nn.Module):
     def decode_video(self, z, chunk=None):
         """(B, T, c, h, w) latents -> (B, T, 3, H, W) pixels. The temporal decoder mixes the frames of a
         call, so each call decodes frames of one video (all T, or `chunk` at a time, as SVD's
-        decode_chunk_size)."""
+        decode_chunk_size; default self.chunk, the run's --decode-chunk)."""
         T = z.shape[1]
         out = []
         for video in z * self.scale_factor:                                             # (T, c, h, w)
-            parts = video.split(chunk or T)
+            parts = video.split(chunk or self.chunk or T)
             out.append(torch.cat([self.vae.decode(p.to(self.vae.dtype), num_frames=len(p)).sample for p in parts]))
         return torch.stack(out).float()                                                 # (B, T, 3, H, W)
 

@@ -37,7 +37,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
+
+# CUDA's caching allocator grows one segment per pool instead of caching fixed segments: less memory lost to
+# fragmentation (estimate.Allocator models both); read when CUDA first allocates
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -141,6 +145,8 @@ def finished(run, name):
     if name == "ae":              # SVD's encoders stay on the CPU while a stage reads the latent cache
         home = "cpu" if getattr(run, "cached", False) else run.device          # (svd.resident: for checks)
         enc = svd.SVDEncoders.from_pretrained(run.cfg.svd, device=home) if run.cfg.svd else None
+        if enc:
+            enc.chunk = run.cfg.decode_chunk
         return (enc, {"latent_channels": enc.cfg.latent_channels}) if enc else load_ae(path, run.device, make)
     D = svd.load_denoiser(run.cfg.svd, device=run.device) if run.cfg.svd else load_teacher(path, run.device, make)[0]
     D.unet.cfg.checkpoint = run.cfg.grad_checkpoint      # this stage's flag, whatever the teacher trained with
@@ -466,6 +472,8 @@ def make_parser():
     p.add_argument("--bench", action="store_true", help="time Stage 1 and 2 on a random SVD (bench.py): "
                    "--svd random:svd-xt --size 320x576 --frames 14")
     p.add_argument("--bench-steps", type=int, default=3, help="--bench: timed steps per stage (0: the weights held)")
+    p.add_argument("--estimate", action="store_true", help="--bench on any machine: the peak GPU memory of each "
+                   "stage predicted on a fake CUDA device (estimate.py), no time measured")
     p.add_argument("--frames", dest="num_frames", type=int, help="frames per clip (the same as --num-frames)")
     p.add_argument("--preset", choices=list(PRESETS), help="a set of defaults (config.py; default: tiny): "
                    "tiny (CPU, minutes; the defaults below) or small (64x64, 16 frames, one GPU)")
@@ -548,7 +556,7 @@ def main(argv=None):
     try:
         check(cfg)                              # every impossible value, before any work
         if args.bench:
-            return bench.main(cfg, args.bench_steps)
+            return bench.main(cfg, args.bench_steps, args.estimate)
         if args.tag and args.stage == "ablations":
             raise UserError("--stage ablations names its own tags (config.ABLATIONS): leave out --tag")
         if args.tag and not args.tag.replace("-", "").isalnum():

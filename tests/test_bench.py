@@ -18,14 +18,15 @@ def test_bench_runs_both_stages_at_a_tiny_size(monkeypatch, capsys):
     assert re.search(r"weights held in Stage 2: [\d.]+ GiB = the base once [\d.]+ GiB \(bfloat16\)", out)
     for stage in ("1", "2"):
         assert re.search(rf"stage {stage}: process peak RSS [\d.]+ GiB, [\d.]+ s per step", out)
-        assert re.search(rf"stage {stage}, one sample decode \(2 frames at 16x24, the VAE on cpu for it\): "
+        assert re.search(rf"stage {stage}, one sample decode \(2 frames at 16x24, 2 per VAE call; the VAE on cpu for "
+                         rf"it\): "
                          rf"process peak RSS [\d.]+ GiB, [\d.]+ s", out)
     assert "5 Euler steps with CFG: 10 NFE" in out and re.search(r"SVD's VAE and CLIP: \d+M parameters", out)
 
 
 def test_bench_prints_both_cuda_counters_and_the_encoders_visit_the_device(monkeypatch):
     """On CUDA a peak is max_memory_allocated beside max_memory_reserved; the encoders sit on the CPU and
-    are on the stage's device only for the decode (svd.resident), then back."""
+    the VAE is on the stage's device only for the decode (svd.resident), then back."""
     assert bench.memory((2 ** 30, 3 * 2 ** 29), True) == "peak allocated 1.00 GiB, reserved 1.50 GiB"
     enc = bench.random_encoders("tiny")
     seen = []
@@ -34,8 +35,8 @@ def test_bench_prints_both_cuda_counters_and_the_encoders_visit_the_device(monke
     cfg = train.make_config(train.parse(["--bench", "--svd", "random:tiny"]), [])
     monkeypatch.setattr(bench, "DINO_SIZE", 28)
     moved = []
-    real_to = enc.to
-    monkeypatch.setattr(enc, "to", lambda *a, **k: moved.append(a) or real_to(*a, **k))
+    real_to = enc.vae.to
+    monkeypatch.setattr(enc.vae, "to", lambda *a, **k: moved.append(a) or real_to(*a, **k))
     r = bench.time_stage("1", cfg, "tiny", torch.linspace(0.002, 8, 10), (1, 2, 2, 3), 1, torch.device("cpu"),
                          torch.float32, enc)
     assert seen == [torch.device("cpu")] and len(moved) == 2 and r["decode"] is None and r["decode_sec"] > 0
