@@ -45,6 +45,8 @@ def test_the_estimate_equals_the_real_allocation_of_the_same_step(stage, checkpo
     real = real_peak(lambda: run("cpu"))
     with estimate.fake_gpu() as tally:
         run("cuda", tally.part)
+    print(f"stage {stage}, checkpointing {checkpoint}: estimate {tally.peak:,} B, real {real:,} B, "
+          f"ratio {tally.peak / real:.4f}")
     assert 0.98 * real <= tally.peak <= 1.005 * real, (tally.peak, real)
     assert tally.at.startswith(("forward", "backward into the student", "backward into the disc"))
 
