@@ -212,14 +212,18 @@ def bench(cfg, name, size, steps=3, device="cuda", dtype=torch.bfloat16, log=pri
             log(f"stage {stage} ESTIMATE: {estimated(r['step'])}")
             log(f"stage {stage} ESTIMATE, one sample decode ({chunk}) with the stage in memory: "
                 f"{estimated(r['decode'][cfg.decode_chunk or T])}")
-            fits = [c for c, p in r["decode"].items() if p[1] <= r["step"][1]]
-            if fits and max(fits) != (cfg.decode_chunk or T):
-                p = r["decode"][max(fits)]
-                log(f"stage {stage} ESTIMATE: with --decode-chunk {max(fits)} the decode stays within the step's "
-                    f"reserved memory: peak allocated {gib(p[0]):.2f} GiB, reserved about {gib(p[1]):.2f} GiB")
-            elif not fits:
-                log(f"stage {stage} ESTIMATE: the decode needs more than the step even one frame at a time "
-                    f"(--decode-chunk 1: reserved about {gib(r['decode'][1][1]):.2f} GiB)")
+            log(f"stage {stage} ESTIMATE, the network call of samples and checks on {cfg.check_batch} clips (no "
+                f"gradient): {estimated(r['check'][cfg.check_batch])}")
+            for flag, what, given in (("--decode-chunk", "decode", cfg.decode_chunk or T),
+                                      ("--check-batch", "check", cfg.check_batch)):
+                fits = [n for n, p in r[what].items() if p[1] <= r["step"][1]]
+                if fits and max(fits) != given:
+                    p = r[what][max(fits)]
+                    log(f"stage {stage} ESTIMATE: with {flag} {max(fits)} the {what} stays within the step's reserved "
+                        f"memory: peak allocated {gib(p[0]):.2f} GiB, reserved about {gib(p[1]):.2f} GiB")
+                elif not fits:
+                    log(f"stage {stage} ESTIMATE: the {what} needs more than the step even at {flag} 1: reserved "
+                        f"about {gib(r[what][1][1]):.2f} GiB")
         log(f"the estimate cannot see kernels' own buffers (cuBLAS/cuDNN workspaces, flash attention's backward "
             f"scratch: add {RESERVE_MARGIN} GiB), fragmentation beyond its allocator model, nor the attention kernel "
             "a given GPU and library pick; the CUDA context (about 0.5 GiB) is outside both counters")
@@ -237,6 +241,8 @@ def bench(cfg, name, size, steps=3, device="cuda", dtype=torch.bfloat16, log=pri
             f"warm-up){extra}")
         log(f"stage {stage}, one sample decode ({chunk}; the VAE on {device} for it): "
             f"{memory(r['decode'], cuda)}, {r['decode_sec']:.2f} s")
+        log(f"stage {stage}, the network call of samples and checks on {cfg.check_batch} clips (no gradient): "
+            f"{memory(r['check'], cuda)}")
         results[stage] = r
         gc.collect()
         if cuda:
@@ -268,10 +274,11 @@ def cuda_peak(cuda):
 
 def build_stage(stage, cfg, name, grid, shape, device, dtype, part=lambda what: nullcontext()):
     """Stage `stage`'s student (a LoRA student of a random SVD), discriminator, optimisers and EMA, and
-    random latents of `shape` (B, T, h, w). Returns (train_step(i): one step as train.py's loop makes it,
-    then Adam and the EMA; the networks {name: module}; the latents). part(what) names the parts of a step
-    for the estimate. Stage 1's levels are all at the top, where every fake meets the discriminator: its
-    largest step."""
+    random latents of `shape` (B, T, h, w). Returns .step(i): one step as train.py's loop makes it, then
+    Adam and the EMA; .check(n): the network call of the stage's samples and checks (run.stage_checks) on
+    n clips; .nets {name: module}; .x0, the latents. part(what) names the parts of a step for the
+    estimate. Stage 1's levels are all at the top, where every fake meets the discriminator: its largest
+    step."""
     B, T, h, w = shape
     torch.manual_seed(cfg.seed)
     D, ucfg = random_denoiser(name, device, cfg.grad_checkpoint)
@@ -315,9 +322,17 @@ def build_stage(stage, cfg, name, grid, shape, device, dtype, part=lambda what: 
         with part("EMA"):
             ema.update(i)
 
+    def check(n):
+        """One step of the EMA student from the top level on n clips, no gradient and no autocast, as
+        samples and the end-of-stage check make it (--check-batch clips per call)."""
+        c = {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+        x = torch.randn(n, T, 4, h, w, device=device) * cfg.sigma_max
+        with torch.no_grad(), ema.swapped():
+            D(x, torch.full((n,), cfg.sigma_max, device=device), c)
+
     D.train()
     disc.train()
-    return train_step, {"student": D, "disc": disc}, x0
+    return SimpleNamespace(step=train_step, check=check, nets={"student": D, "disc": disc}, x0=x0)
 
 
 def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, enc=None):
@@ -326,7 +341,8 @@ def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, enc=None):
     "sec": seconds per step, "decode": peaks, "decode_sec": seconds}; peaks are CUDA's (allocated, reserved)
     or None."""
     cuda = device.type == "cuda"
-    train_step, _, x0 = build_stage(stage, cfg, name, grid, shape, device, dtype)
+    parts = build_stage(stage, cfg, name, grid, shape, device, dtype)
+    train_step, x0 = parts.step, parts.x0
     times = []
     for i in range(steps + 1):                                    # the first is warm-up
         if cuda:
@@ -344,28 +360,33 @@ def time_stage(stage, cfg, name, grid, shape, steps, device, dtype, enc=None):
     t0 = time.perf_counter()
     with torch.no_grad(), svd.resident(enc.vae, device):          # as run.stage_checks: fp32, no autocast
         enc.decode_video(x0.float())
-    if cuda:
-        torch.cuda.synchronize()
-    return {**out, "decode": cuda_peak(cuda), "decode_sec": time.perf_counter() - t0}
+        if cuda:
+            torch.cuda.synchronize()
+        out.update(decode=cuda_peak(cuda), decode_sec=time.perf_counter() - t0)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        parts.check(cfg.check_batch)
+    return {**out, "check": cuda_peak(cuda)}
 
 
 def estimate_stage(stage, cfg, name, shape, dtype):
     """Stage `stage`'s peak GPU memory predicted without a GPU (estimate.py): build_stage, a warm-up step
     and a step on a fake CUDA device, then one sample decode with SVD's encoders brought over from the CPU,
     as time_stage, at --decode-chunk and at fewer frames per call until the decode's reserved memory is
-    within the step's. Returns {"step": peak, "decode": {chunk: peak}}, each peak (allocated, reserved
-    estimate, where)."""
+    within the step's, and the network call of samples and checks at --check-batch and fewer clips the same
+    way. Returns {"step": peak, "decode": {chunk: peak}, "check": {clips: peak}}, each peak (allocated,
+    reserved estimate, where)."""
     expandable = estimate.expandable_segments()
     with estimate.fake_gpu() as tally:
         device, T = torch.device("cuda"), shape[1]
         grid = sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(device)
-        train_step, nets, x0 = build_stage(stage, cfg, name, grid, shape, device, dtype, tally.part)
+        parts = build_stage(stage, cfg, name, grid, shape, device, dtype, tally.part)
         with torch.device("cpu"):
             enc = random_encoders(name)
-        tally.watch({**nets, "vae": enc.vae})
-        train_step(0)                                             # Adam's moments appear
+        tally.watch({**parts.nets, "vae": enc.vae})
+        parts.step(0)                                             # Adam's moments appear
         tally.reset_peak()
-        train_step(1)
+        parts.step(1)
         out = {"step": (tally.peak, estimate.Allocator.replay(tally.events, expandable), tally.at), "decode": {}}
         with torch.no_grad(), svd.resident(enc.vae, device):      # as run.stage_checks: fp32, no autocast
             held = len(tally.events)
@@ -373,10 +394,20 @@ def estimate_stage(stage, cfg, name, shape, dtype):
                 tally.reset_peak()
                 start = len(tally.events)
                 with tally.part("sample decode"):
-                    enc.decode_video(x0.float(), chunk)
+                    enc.decode_video(parts.x0.float(), chunk)
                 reserved = estimate.Allocator.replay(tally.events[:held] + tally.events[start:], expandable)
                 out["decode"][chunk] = (tally.peak, reserved, tally.at)
                 if chunk <= (cfg.decode_chunk or T) and reserved <= out["step"][1]:
+                    break
+            out["check"] = {}
+            for n in sorted({cfg.check_batch, 8, 4, 2, 1}, reverse=True):
+                tally.reset_peak()
+                start = len(tally.events)
+                with tally.part(f"the check's step on {n} clips"):
+                    parts.check(n)
+                reserved = estimate.Allocator.replay(tally.events[:held] + tally.events[start:], expandable)
+                out["check"][n] = (tally.peak, reserved, tally.at)
+                if n <= cfg.check_batch and reserved <= out["step"][1]:
                     break
         return out
 

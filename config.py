@@ -93,6 +93,7 @@ class Config:
     # frames per call of SVD's temporal VAE decoder in samples and checks (its decode_chunk_size); 0: all at
     # once, as diffusers' pipeline (the most temporal consistency). The decode can outgrow the training step.
     decode_chunk: int = 0
+    check_batch: int = 16           # clips per network call in samples and checks (each clip's noise its own)
     cache_clips: int = 0            # --stage latents: clips to encode; 0: as many as the longest stage reads
     ema_decay: float = 0.999        # the EMA of the weights that samples and is evaluated
     grad_clip: float = 1.0          # gradient norm clipping
@@ -133,14 +134,15 @@ ABLATIONS = {
 }
 PREFIX = {"ae": "ae", "teacher": "teacher", "1": "stage1", "2": "stage2"}   # config-field prefixes
 # fields that may change when a run is resumed; anything else must match the checkpoint
-RUN_FIELDS = {"device", "dtype", "compile", "grad_checkpoint", "grad_accum", "decode_chunk", "cache_clips", "workers",
-              "log_every", "sample_every", "ckpt_every", "eval_clips", "report_clips", "feature_steps"} | {
+RUN_FIELDS = {"device", "dtype", "compile", "grad_checkpoint", "grad_accum", "decode_chunk", "check_batch",
+              "cache_clips", "workers", "log_every", "sample_every", "ckpt_every", "eval_clips", "report_clips",
+              "feature_steps"} | {
               f"{p}_steps" for p in PREFIX.values()}
 
 
 # what `check` holds each numeric field to (beyond finite and >= 0, which every field must be)
 AT_LEAST_ONE = {"image_size", "num_frames", "frame_stride", "ae_latent_channels", "grid_size", "m", "sample_steps",
-                "grad_accum", "log_every", "sample_every", "ckpt_every", "eval_clips", "feature_steps",
+                "grad_accum", "check_batch", "log_every", "sample_every", "ckpt_every", "eval_clips", "feature_steps",
                 *(f"{p}_{k}" for p in PREFIX.values() for k in ("steps", "batch_size"))}
 POSITIVE = {"sigma_min", "sigma_max", "p_std", "grad_clip", "disc_lr", *(f"{p}_lr" for p in PREFIX.values())}
 AT_MOST_ONE = {"test_share", "cond_drop", "stage1_top", "stage2_top", "stage2_direct", "ema_decay", "target_decay"}

@@ -212,20 +212,23 @@ def stage_checks(label, ema, ae, run, cfg, steps, scale, sampler):
     """sample(path) and finish() of a video model's training stage (train.py), with its EMA weights:
     held-out clips above the model's videos from their first frames (as the report samples them); the
     diagnostics on up to 64 of them. run: train.py's Run (eval_batch, device, eval_name, master)."""
-    def videos(n, chunk=16, progress=False):
+    def videos(n, progress=False):
         b = run.eval_batch(n)
         with svd.resident(ae, run.device):          # SVD's CLIP and VAE for the condition, the VAE for the decodes
             cond = ae.condition(b["video"][:, 0], b["fps"], b["motion"], torch.full((n,), 0.02, device=run.device))
         with svd.resident(getattr(ae, "vae", ae), run.device):
-            return b["video"], made(cond, n, chunk, progress)
+            return b["video"], made(cond, n, cfg.check_batch, progress)
 
     def made(cond, n, chunk, progress):
         fake = []
-        with ema.swapped() as D:                    # chunks of 16 clips, each its own seed: a progress bar
+        c, h, w = cond["concat"].shape[1:]                 # each clip's noise its own, whatever --check-batch
+        noise = torch.randn(n, cfg.num_frames, c, h, w, generator=torch.Generator().manual_seed(cfg.seed))
+        with ema.swapped() as D:                    # --check-batch clips per call: a progress bar
             for i in tqdm(range(0, n, chunk), desc=f"{label}: check", disable=not (progress and run.master),
                           dynamic_ncols=True):
                 z, _ = generate(D, {k: v[i:i + chunk] for k, v in cond.items()}, cfg.num_frames, steps, scale,
-                                sampler, cfg.sigma_min, cfg.sigma_max, seed=cfg.seed + i, grid_size=cfg.grid_size)
+                                sampler, cfg.sigma_min, cfg.sigma_max, seed=cfg.seed + i, grid_size=cfg.grid_size,
+                                noise=noise[i:i + chunk])
                 fake.append(ae.decode_video(z).clamp(-1, 1))
         return torch.cat(fake)
 

@@ -28,8 +28,9 @@ def real_peak(fn):
 @pytest.mark.parametrize("stage,checkpoint", [("1", False), ("2", True)])
 def test_the_estimate_equals_the_real_allocation_of_the_same_step(stage, checkpoint, monkeypatch):
     """Build a stage of the tiny random SVD and run a warm-up step and a step (Adam, the EMA; Stage 2 with the
-    teacher's solve and the target), once for real on the CPU and once on the fake CUDA device, in fp32 (CUDA's
-    and the CPU's autocast lists differ). The fake peak is the real one less kernels' own buffers: within 2%."""
+    teacher's solve and the target), then the check's call, once for real on the CPU and once on the fake CUDA
+    device, in fp32 (CUDA's and the CPU's autocast lists differ). The fake peak is the real one less kernels'
+    own buffers: within 2%."""
     monkeypatch.setattr(bench, "DINO_SIZE", 28)                  # the UNet's activations, not DINOv2's, dominate
     cfg = train.make_config(train.parse(["--bench", "--svd", "random:tiny", "--frames", "4"]
                                         + ["--grad-checkpoint"] * checkpoint), [])
@@ -37,10 +38,11 @@ def test_the_estimate_equals_the_real_allocation_of_the_same_step(stage, checkpo
 
     def run(device, part=None):
         grid = sigma_grid(cfg.grid_size, cfg.sigma_min, cfg.sigma_max).to(device)
-        step, _, _ = bench.build_stage(stage, cfg, "tiny", grid, shape, torch.device(device), torch.float32,
-                                       *([part] if part else []))
-        step(0)
-        step(1)
+        parts = bench.build_stage(stage, cfg, "tiny", grid, shape, torch.device(device), torch.float32,
+                                  *([part] if part else []))
+        parts.step(0)
+        parts.step(1)
+        parts.check(1)                                          # its code path; the step holds the peak
 
     real = real_peak(lambda: run("cpu"))
     with estimate.fake_gpu() as tally:
@@ -48,7 +50,7 @@ def test_the_estimate_equals_the_real_allocation_of_the_same_step(stage, checkpo
     print(f"stage {stage}, checkpointing {checkpoint}: estimate {tally.peak:,} B, real {real:,} B, "
           f"ratio {tally.peak / real:.4f}")
     assert 0.98 * real <= tally.peak <= 1.005 * real, (tally.peak, real)
-    assert tally.at.startswith(("forward", "backward into the student", "backward into the disc"))
+    assert tally.at.startswith(("forward", "backward into the student", "backward into the disc", "the check"))
 
 
 def test_the_allocator_model_follows_cudas_rules():
@@ -99,7 +101,7 @@ def test_value_reads_are_answered_as_all_true_masks_or_refused():
 def test_bench_estimate_prints_each_stages_peaks(monkeypatch, capsys):
     monkeypatch.setattr(bench, "DINO_SIZE", 28)
     assert train.main(["--bench", "--estimate", "--svd", "random:tiny", "--size", "16x16", "--frames", "2",
-                       "--grad-checkpoint"]) == 0
+                       "--grad-checkpoint", "--m", "1"]) == 0
     out = capsys.readouterr().out
     assert "bench --estimate: random tiny UNet" in out and "cuda bfloat16, gradient checkpointing on" in out
     for stage in "12":
@@ -108,4 +110,7 @@ def test_bench_estimate_prints_each_stages_peaks(monkeypatch, capsys):
         assert m and 0 < float(m[1]) <= float(m[2]) and m[3].startswith(("forward", "backward", "Adam", "EMA"))
         assert re.search(rf"stage {stage} ESTIMATE, one sample decode \(2 frames at 16x16, 2 per VAE call\) with "
                          r"the stage in memory: peak allocated [\d.]+ GiB", out)
+        assert re.search(rf"stage {stage} ESTIMATE, the network call of samples and checks on 16 clips \(no "
+                         r"gradient\): peak allocated [\d.]+ GiB, reserved about [\d.]+ GiB .*, at: the check's "
+                         r"step on 16 clips", out)
     assert "the estimate cannot see kernels' own buffers" in out

@@ -290,7 +290,8 @@ def test_svds_encoders_stay_off_the_device_while_a_stage_reads_the_latent_cache(
     """A stage that reads the latent cache never runs the VAE or CLIP: they load on the CPU and visit the
     run's device only for samples and checks (svd.resident); without the cache they load on the device."""
     from types import SimpleNamespace
-    run = SimpleNamespace(cfg=SimpleNamespace(svd=pipeline_folder), device=torch.device("meta"), out="unused")
+    run = SimpleNamespace(cfg=SimpleNamespace(svd=pipeline_folder, decode_chunk=0), device=torch.device("meta"),
+                          out="unused")
     for cached, home in ((True, "cpu"), (False, "meta")):
         run.cached = cached
         enc, _ = train.finished(run, "ae")
