@@ -175,10 +175,10 @@ class Tally(TorchDispatchMode):
                 raise UserError("--estimate: the step reads a tensor's value (.item(), float(), int(), a "
                                 "data-dependent shape), which a fake tensor does not have") from None
         if name.startswith("index.Tensor") and any(i is not None and i.dtype == torch.bool for i in args[1]):
-            x, idx = args[0], args[1]
-            n = sum(i.dim() if i is not None and i.dtype == torch.bool else 1 for i in idx)
-            lead = [m.numel() if m is not None and m.dtype == torch.bool else x.shape[d] for d, m in enumerate(idx)]
-            return torch.empty(lead[:1] + list(x.shape[n:]), dtype=x.dtype, device=x.device)
+            (x, idx), mask = args[:2], args[1][0]
+            if len(idx) != 1:
+                raise UserError("--estimate: the step indexes with a boolean mask beside other indices")
+            return torch.empty((mask.numel(), *x.shape[mask.dim():]), dtype=x.dtype, device=x.device)
         if name.startswith(("index_put", "_index_put_impl")) and any(
                 i is not None and i.dtype == torch.bool for i in args[1]):
             return args[0] if name.endswith("_") else torch.empty_like(args[0])
