@@ -33,7 +33,8 @@ def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """n noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho), then 0
     (EDM Eq. 5; EDM's defaults sigma_min 0.002, sigma_max 80, rho 7). sigma_min may be a float64 0-d
     tensor: no value is read from the device."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64, device=sigma_min.device if torch.is_tensor(sigma_min) else None)
+    device = sigma_min.device if torch.is_tensor(sigma_min) else None
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64, device=device)
     s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([s, ramp.new_zeros(1)])
 

@@ -555,6 +555,8 @@ def main(argv=None):
         term = signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
     try:
         check(cfg)                              # every impossible value, before any work
+        if args.estimate and not args.bench:
+            raise UserError("--estimate predicts the bench's peaks: give it with --bench")
         if args.bench:
             return bench.main(cfg, args.bench_steps, args.estimate)
         if args.tag and args.stage == "ablations":

@@ -114,3 +114,8 @@ def test_bench_estimate_prints_each_stages_peaks(monkeypatch, capsys):
                          r"gradient\): peak allocated [\d.]+ GiB, reserved about [\d.]+ GiB .*, at: the check's "
                          r"step on 16 clips", out)
     assert "the estimate cannot see kernels' own buffers" in out
+
+
+def test_estimate_without_bench_is_a_one_line_error(capsys):
+    assert train.main(["--stage", "1", "--estimate", "--out", "unused"]) == 2
+    assert "give it with --bench" in capsys.readouterr().err
